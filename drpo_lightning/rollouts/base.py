@@ -1,0 +1,46 @@
+"""The rollout-engine interface: sample G completions per prompt and report how they were sampled."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from drpo_lightning.types import RolloutBatch
+
+
+class RolloutEngine(ABC):
+    """Base class of every rollout plugin.
+
+    A rollout engine must report, for each sampled token, its log-probability under the distribution it
+    actually sampled from (the behaviour policy mu). DRPO and DPPO anchor their trust region on these values,
+    so an engine that samples in a different precision or with different kernels than the trainer exposes
+    exactly the off-policy gap those objectives control.
+    """
+
+    max_new_tokens: int
+    """Completion length budget; the trainer pads every completion batch to it."""
+
+    @abstractmethod
+    def generate(
+        self,
+        policy: torch.nn.Module,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        *,
+        num_generations: int,
+        eos_token_id: int | list[int],
+        pad_token_id: int,
+        topk: int = 0,
+    ) -> RolloutBatch:
+        """Sample ``num_generations`` completions for each of the ``B`` left-padded prompts.
+
+        Args:
+            policy: the causal LM being trained (in eval mode, under no_grad, when called).
+            prompt_ids: ``[B, P]`` left-padded prompt tokens.
+            prompt_mask: ``[B, P]`` 1 on real tokens.
+            num_generations: group size G; the result has ``N = B * G`` rows, a group's rows adjacent.
+            eos_token_id: token id(s) that end a completion (kept in the completion and its mask).
+            pad_token_id: id written after EOS.
+            topk: also return mu's ``topk`` largest log-probs per position (0: don't).
+        """
