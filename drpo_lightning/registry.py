@@ -25,13 +25,15 @@ import traceback
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 
+from drpo_lightning.errors import UserError
+
 GROUP_PREFIX = "drpo_lightning."
 BUILTIN_DISTRIBUTION = "drpo-lightning"
 DISABLE_AUTOLOAD_ENV = "DRPO_LIGHTNING_DISABLE_PLUGIN_AUTOLOAD"
 ALLOW_LIST_ENV = "DRPO_LIGHTNING_PLUGINS"
 
 
-class PluginError(ValueError):
+class PluginError(UserError):
     """A plugin name that does not resolve, or a plugin that could not be loaded."""
 
 

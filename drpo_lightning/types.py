@@ -22,8 +22,6 @@ import torch
 class SamplingParams:
     """How a rollout engine samples completions."""
 
-    num_generations: int = 8
-    """Completions sampled per prompt (the group size G)."""
     max_new_tokens: int = 64
     """Most tokens generated per completion; a completion that reaches it is counted as truncated."""
     min_new_tokens: int = 0
@@ -36,8 +34,6 @@ class SamplingParams:
     """Sample only among the k most likely tokens; 0 turns it off."""
 
     def __post_init__(self) -> None:
-        if self.num_generations < 1:
-            raise ValueError(f"sampling.num_generations must be >= 1, got {self.num_generations}")
         if self.max_new_tokens < 1:
             raise ValueError(f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:

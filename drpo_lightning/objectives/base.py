@@ -22,6 +22,21 @@ from drpo_lightning.types import ObjectiveOutput
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
+LOG_RATIO_CLAMP = 20.0
+"""Objectives clamp the log-ratio ``z - y`` to ``[-20, 20]`` before ``exp`` (ratio within ``[2e-9, 4.9e8]``).
+
+Without it ``exp`` (and DRPO's ``r**2``) overflows float32 for large log-prob gaps, so one token with a tiny
+anchor probability (a train/rollout mismatch, or garbage on a padded position) would turn the whole loss into
+inf/NaN. Inside the clamp loss and gradient are exact; beyond it a token's loss is constant, so it carries no
+gradient (verl applies the same safety to PPO's ratio).
+"""
+
+
+def clamped_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor) -> torch.Tensor:
+    """``exp(clamp(z - y, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))``, differentiable w.r.t. ``logprobs``."""
+    return (logprobs - old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
+
+
 def check_positive(name: str, value: float | None, *, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return

@@ -1,0 +1,546 @@
+"""RLModule: one RL step = rollout -> rewards -> advantages -> several objective updates.
+
+This file is the loop of design.md §2 and nothing else: every decision that varies between algorithms
+lives in a plugin passed to the constructor (objective, rollout engine, reward functions, advantage
+estimator), so swapping DRPO for PPO is one YAML key.
+
+Manual optimisation: a batch of B prompts yields N = B * G completions, reused for ``ppo_epochs`` passes of
+``num_minibatches`` optimizer updates each. That reuse (staleness) and the rollout/training numerical gap
+(``rollout.precision``) are the off-policy gap the DRPO/DPPO trust region controls.
+
+Note on step counting: with manual optimisation Lightning's ``global_step`` (and so ``trainer.max_steps``,
+checkpoint ``every_n_train_steps``, the x-axis of logs) counts *optimizer updates*:
+``ppo_epochs * num_minibatches`` per batch of prompts.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torchmetrics import MeanMetric
+
+from drpo_lightning.advantages.base import AdvantageEstimator
+from drpo_lightning.errors import ConfigError, UserError
+from drpo_lightning.kl import KL_ESTIMATORS, kl_penalty
+from drpo_lightning.objectives.base import Objective, aggregate
+from drpo_lightning.rewards.base import RewardFunction
+from drpo_lightning.rollouts.base import RolloutEngine
+from drpo_lightning.types import RolloutBatch
+
+
+def default_optimizer(params) -> torch.optim.Optimizer:
+    """AdamW at lr 1e-6, a safe starting point for RL on a pretrained LLM."""
+    return torch.optim.AdamW(params, lr=1e-6)
+
+
+class RLModule(pl.LightningModule):
+    """RL post-training of a causal LM with a pluggable objective.
+
+    Args:
+        model_name_or_path: a local Hugging Face model folder, or ``quickstart`` for the tiny arithmetic
+            policy shipped with drpo-lightning. Nothing is downloaded.
+        objective: the policy loss (``drpo``, ``dppo``, ``ppo`` or any installed plugin). Default DRPO.
+        rollout: the rollout engine sampling completions (default ``hf``: transformers ``generate``).
+        rewards: reward functions; their weighted sum is the reward of a completion. Default exact match.
+        reward_weights: one weight per reward function (default 1 each).
+        advantage: advantage estimator (default ``grpo``: group-normalised).
+        num_generations: completions sampled per prompt (the group size G).
+        ppo_epochs: passes over each rollout.
+        num_minibatches: optimizer updates per pass; the B*G completions are split evenly.
+        micro_batch_size: completions per forward/backward within a minibatch (gradient accumulation);
+            None processes the whole minibatch at once.
+        anchor: trust-region anchor: ``behavior`` (log-probs the rollout engine reported while sampling; the
+            DRPO/DPPO choice) or ``recompute`` (pi_old from a no-grad training forward before the first
+            update; the classic PPO choice).
+        tis_cap: with ``anchor: recompute``, truncated importance sampling: weight each token by
+            min(pi_old/mu, tis_cap) to correct for the rollout/training mismatch. None turns it off.
+        kl_beta: weight of the KL penalty to the reference (initial) policy; 0 loads no reference model.
+        kl_estimator: ``k1``, ``k2`` or ``k3`` (see :mod:`drpo_lightning.kl`).
+        entropy_coef: weight of an entropy bonus (0 computes entropy for the metric only).
+        max_grad_norm: clip the gradient norm to this value before each update; None disables clipping.
+        max_consecutive_skips: an update whose loss or gradient is not finite is skipped (counted in
+            ``train/skipped_updates``); after this many in a row the run stops with an error.
+        reward_on_error: what a reward function that raises, times out or returns NaN/None does: ``raise``
+            stops with the plugin name and sample; ``fallback`` scores that sample ``reward_fallback`` and
+            counts it in ``reward/fallbacks``.
+        reward_fallback: the reward used by ``reward_on_error: fallback``.
+        reward_timeout: seconds a reward function may take per call; None waits forever.
+        chat_template: apply the tokenizer's chat template to prompts (None: when the tokenizer has one).
+        system_prompt: system message added when the chat template is applied.
+        max_prompt_length: longest prompt in tokens; None: the model's context minus ``max_new_tokens``.
+        val_num_samples: completions per held-out prompt (k of mean@k and pass@k).
+        val_success_threshold: a held-out completion counts as correct when its total reward >= this.
+        logprob_chunk_size: tokens per chunk of the memory-lean log-prob computation.
+        lean_logprobs: compute log-probs from hidden states in chunks (never the full [N, T, V] logits).
+        gradient_checkpointing: recompute activations in backward (less memory, ~30% more time).
+        trust_remote_code: allow model folders with custom code. Off unless you trust the folder.
+        model_kwargs: extra keyword arguments for ``AutoModelForCausalLM.from_pretrained``.
+        export_dir: where the final policy is written with ``save_pretrained`` (default
+            ``<log_dir>/export``); empty string disables export.
+        optimizer: optimizer factory, e.g. ``{class_path: torch.optim.AdamW, init_args: {lr: 1e-6}}``.
+        lr_scheduler: optional scheduler factory; stepped once per optimizer update.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = "quickstart",
+        objective: Objective | None = None,
+        rollout: RolloutEngine | None = None,
+        rewards: list[RewardFunction] | None = None,
+        reward_weights: list[float] | None = None,
+        advantage: AdvantageEstimator | None = None,
+        num_generations: int = 8,
+        ppo_epochs: int = 1,
+        num_minibatches: int = 1,
+        micro_batch_size: int | None = None,
+        anchor: Literal["behavior", "recompute"] = "behavior",
+        tis_cap: float | None = None,
+        kl_beta: float = 0.0,
+        kl_estimator: Literal["k1", "k2", "k3"] = "k3",
+        entropy_coef: float = 0.0,
+        max_grad_norm: float | None = 1.0,
+        max_consecutive_skips: int = 5,
+        reward_on_error: Literal["raise", "fallback"] = "raise",
+        reward_fallback: float = 0.0,
+        reward_timeout: float | None = None,
+        chat_template: bool | None = None,
+        system_prompt: str | None = None,
+        max_prompt_length: int | None = None,
+        val_num_samples: int = 1,
+        val_success_threshold: float = 1.0,
+        logprob_chunk_size: int = 1024,
+        lean_logprobs: bool = True,
+        gradient_checkpointing: bool = False,
+        trust_remote_code: bool = False,
+        model_kwargs: dict[str, Any] | None = None,
+        export_dir: str | None = None,
+        optimizer: OptimizerCallable = default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["objective", "rollout", "rewards", "advantage", "optimizer", "lr_scheduler"])
+        self.automatic_optimization = False
+        from drpo_lightning.advantages.grpo import GRPOAdvantage
+        from drpo_lightning.objectives.drpo import DRPO
+        from drpo_lightning.rewards.exact_match import ExactMatch
+        from drpo_lightning.rollouts.hf import HFRollout
+
+        self.objective = objective if objective is not None else DRPO()
+        self.rollout = rollout if rollout is not None else HFRollout()
+        self.rewards = list(rewards) if rewards else [ExactMatch()]
+        self.reward_weights = reward_weights
+        self.advantage = advantage if advantage is not None else GRPOAdvantage()
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self._check_config()
+        self.policy: torch.nn.Module | None = None
+        self.reference: torch.nn.Module | None = None
+        self.tokenizer = None
+        self.val_accuracy = MeanMetric()
+        self.val_pass_at_k = MeanMetric()
+        self.val_reward = MeanMetric()
+        self._consecutive_skips = 0
+        self.skipped_updates = 0
+        self.initial_val_accuracy: float | None = None
+
+    # -- configuration checks (cheap, before anything loads) -----------------------------------------
+    def _check_config(self) -> None:
+        h = self.hparams
+        positive_ints = ("num_generations", "ppo_epochs", "num_minibatches", "val_num_samples",
+                         "logprob_chunk_size", "max_consecutive_skips")
+        for key in positive_ints:
+            if int(h[key]) < 1:
+                raise ConfigError(f"model.{key} must be >= 1, got {h[key]}")
+        if h.micro_batch_size is not None and h.micro_batch_size < 1:
+            raise ConfigError(f"model.micro_batch_size must be >= 1 or null, got {h.micro_batch_size}")
+        if h.anchor not in ("behavior", "recompute"):
+            raise ConfigError(f"model.anchor must be 'behavior' or 'recompute', got {h.anchor!r}")
+        if h.tis_cap is not None and h.anchor != "recompute":
+            raise ConfigError("model.tis_cap corrects pi_old/mu and needs model.anchor: recompute")
+        if h.tis_cap is not None and h.tis_cap <= 0:
+            raise ConfigError(f"model.tis_cap must be > 0, got {h.tis_cap}")
+        if h.kl_beta < 0:
+            raise ConfigError(f"model.kl_beta must be >= 0, got {h.kl_beta}")
+        if h.kl_estimator not in KL_ESTIMATORS:
+            raise ConfigError(f"model.kl_estimator must be one of {KL_ESTIMATORS}, got {h.kl_estimator!r}")
+        if h.max_grad_norm is not None and h.max_grad_norm <= 0:
+            raise ConfigError(f"model.max_grad_norm must be > 0 or null, got {h.max_grad_norm}")
+        if h.reward_weights is not None and len(h.reward_weights) != len(self.rewards):
+            raise ConfigError(
+                f"model.reward_weights has {len(h.reward_weights)} entries for {len(self.rewards)} reward "
+                f"functions ({', '.join(r.name for r in self.rewards)})"
+            )
+        if h.reward_on_error not in ("raise", "fallback"):
+            raise ConfigError(f"model.reward_on_error must be 'raise' or 'fallback', got {h.reward_on_error!r}")
+        if h.model_name_or_path != "quickstart" and not Path(h.model_name_or_path).is_dir():
+            raise ConfigError(
+                f"model.model_name_or_path: {h.model_name_or_path!r} is not a local folder (nothing is "
+                "downloaded; save the model with save_pretrained and give its path)"
+            )
+
+    def _check_sizes(self, prompts_per_batch: int) -> None:
+        h = self.hparams
+        n = prompts_per_batch * h.num_generations
+        if n % h.num_minibatches:
+            raise ConfigError(
+                f"data.batch_size * model.num_generations = {prompts_per_batch} * {h.num_generations} = {n} "
+                f"completions do not split into model.num_minibatches = {h.num_minibatches} equal minibatches"
+            )
+        mb = n // h.num_minibatches
+        if h.micro_batch_size is not None and mb % h.micro_batch_size:
+            raise ConfigError(
+                f"minibatch of {mb} completions is not a multiple of model.micro_batch_size = {h.micro_batch_size}"
+            )
+
+    @property
+    def model_path(self) -> str:
+        if self.hparams.model_name_or_path == "quickstart":
+            from drpo_lightning.tiny import quickstart_policy_path
+
+            return quickstart_policy_path()
+        return self.hparams.model_name_or_path
+
+    # -- set-up ---------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        from transformers import AutoTokenizer
+
+        if self.tokenizer is None:
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                self.model_path, local_files_only=True, trust_remote_code=self.hparams.trust_remote_code
+            )
+            self.tokenizer.padding_side = "left"
+            if self.tokenizer.pad_token_id is None:
+                self.tokenizer.pad_token = self.tokenizer.eos_token
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if stage == "fit" and datamodule is not None and hasattr(datamodule, "batch_size"):
+            self._check_sizes(int(datamodule.batch_size))  # prompts per rank per step
+
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        from transformers import AutoModelForCausalLM
+
+        kwargs = dict(self.hparams.model_kwargs or {})
+        self.policy = AutoModelForCausalLM.from_pretrained(
+            self.model_path, local_files_only=True, trust_remote_code=self.hparams.trust_remote_code, **kwargs
+        )
+        if self.hparams.gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.policy.config.use_cache = False
+        if self.hparams.kl_beta > 0 and not hasattr(self.policy, "disable_adapter"):
+            # A frozen copy of the initial policy; adapter (LoRA) runs reuse the base weights instead.
+            self.reference = AutoModelForCausalLM.from_pretrained(
+                self.model_path, local_files_only=True, trust_remote_code=self.hparams.trust_remote_code, **kwargs
+            )
+            self.reference.requires_grad_(False).eval()
+
+    def configure_optimizers(self):
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer)}}
+
+    # -- pieces of a step -----------------------------------------------------------------------------
+    def _encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        from drpo_lightning.data import format_prompts
+
+        texts = format_prompts(self.tokenizer, prompts, self.hparams.chat_template, self.hparams.system_prompt)
+        templated = texts is not prompts  # the template already holds any BOS token
+        enc = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=not templated)
+        limit = self._max_prompt_length()
+        lengths = enc["attention_mask"].sum(-1)
+        if limit is not None and int(lengths.max()) > limit:
+            i = int(lengths.argmax())
+            raise ConfigError(
+                f"a prompt of {int(lengths[i])} tokens exceeds model.max_prompt_length = {limit} "
+                f"(context minus rollout.max_new_tokens): {prompts[i][:60]!r}"
+            )
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+
+    def _max_prompt_length(self) -> int | None:
+        if self.hparams.max_prompt_length is not None:
+            return self.hparams.max_prompt_length
+        context = getattr(getattr(self.policy, "config", None), "max_position_embeddings", None)
+        return None if context is None else int(context) - int(self.rollout.max_new_tokens)
+
+    def _generate(self, prompt_ids, prompt_mask, num_generations: int, topk: int = 0) -> RolloutBatch:
+        return self.rollout.generate(
+            self.policy,
+            prompt_ids,
+            prompt_mask,
+            num_generations=num_generations,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+            topk=topk,
+        )
+
+    def _score(self, batch: dict[str, list], rollout: RolloutBatch, num_generations: int):
+        from drpo_lightning.rewards.combine import compute_rewards
+
+        lengths = rollout.completion_mask.sum(-1).long().tolist()
+        ids = rollout.completion_ids.tolist()
+        completions = self.tokenizer.batch_decode(
+            [row[:n] for row, n in zip(ids, lengths)], skip_special_tokens=True
+        )
+        # Each prompt's columns are repeated for its G completions (rows of a group are adjacent).
+        columns = {k: [v for v in vals for _ in range(num_generations)] for k, vals in batch.items()}
+        prompts = columns.pop("prompt")
+        return compute_rewards(
+            self.rewards,
+            self.hparams.reward_weights,
+            prompts,
+            completions,
+            columns,
+            on_error=self.hparams.reward_on_error,
+            fallback=self.hparams.reward_fallback,
+            timeout=self.hparams.reward_timeout,
+        )
+
+    def _token_stats(self, model, rollout: RolloutBatch, rows: torch.Tensor, with_topk: bool):
+        from drpo_lightning.logprobs import policy_token_stats
+
+        input_ids = torch.cat([rollout.prompt_ids[rows], rollout.completion_ids[rows]], dim=1)  # [n, P+T]
+        attention = torch.cat([rollout.prompt_mask[rows], rollout.completion_mask[rows].long()], dim=1)
+        return policy_token_stats(
+            model,
+            input_ids,
+            attention,
+            rollout.prompt_ids.shape[1],
+            temperature=getattr(self.rollout, "temperature", 1.0),
+            chunk_size=self.hparams.logprob_chunk_size,
+            extra_ids=rollout.topk_ids[rows] if with_topk and rollout.topk_ids is not None else None,
+            lean=self.hparams.lean_logprobs,
+        )
+
+    def _micro_batches(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        size = self.hparams.micro_batch_size or rows.numel()
+        return list(rows.split(size))
+
+    @torch.no_grad()
+    def _anchor_logprobs(self, rollout: RolloutBatch) -> torch.Tensor:
+        if self.hparams.anchor == "behavior":
+            return rollout.behavior_logprobs
+        rows = torch.arange(rollout.completion_ids.shape[0], device=self.device)
+        parts = [self._token_stats(self.policy, rollout, r, False).logprobs for r in self._micro_batches(rows)]
+        return torch.cat(parts).float() * rollout.completion_mask
+
+    @torch.no_grad()
+    def _reference_logprobs(self, rollout: RolloutBatch) -> torch.Tensor | None:
+        if self.hparams.kl_beta == 0:
+            return None
+        rows = torch.arange(rollout.completion_ids.shape[0], device=self.device)
+        if self.reference is not None:
+            parts = [self._token_stats(self.reference, rollout, r, False).logprobs for r in self._micro_batches(rows)]
+        else:
+            with self.policy.disable_adapter():
+                parts = [self._token_stats(self.policy, rollout, r, False).logprobs for r in self._micro_batches(rows)]
+        return torch.cat(parts).float()
+
+    def _global_count(self, mask: torch.Tensor) -> torch.Tensor:
+        """The minibatch's aggregation denominator summed over ranks, divided by the world size because
+        DDP/FSDP average gradients: each rank's loss is then its share of the *global* normalised loss."""
+        count = self.objective.count(mask).float()
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1:
+            count = self.trainer.strategy.reduce(count, reduce_op="sum")
+        return count / world
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, list], batch_idx: int) -> None:
+        h = self.hparams
+        step_start = time.perf_counter()
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        G = h.num_generations
+
+        # 1. rollout
+        prompt_ids, prompt_mask = self._encode_prompts(batch["prompt"])
+        rollout = self._generate(prompt_ids, prompt_mask, G, topk=getattr(self.objective, "requires_topk", 0))
+        rollout_seconds = time.perf_counter() - step_start
+        mask = rollout.completion_mask.float()  # [N, T]
+
+        # 2. rewards, 3. advantages
+        scored = self._score(batch, rollout, G)
+        rewards = scored.total.to(self.device)  # [N]
+        advantages = self.advantage(rewards, rollout.group_ids.to(self.device))  # [N]
+
+        anchor = self._anchor_logprobs(rollout)  # [N, T]
+        token_advantages = advantages.unsqueeze(-1).expand_as(mask)  # [N, T]
+        if h.tis_cap is not None:
+            # Truncated importance sampling: the anchor pi_old is not the sampler mu.
+            tis = (anchor - rollout.behavior_logprobs).clamp(max=math.log(h.tis_cap)).exp()
+            token_advantages = token_advantages * tis
+        ref_logprobs = self._reference_logprobs(rollout)
+
+        # 4. updates
+        metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
+        n = mask.shape[0]
+        generator = torch.Generator().manual_seed(int(self.global_step) * 7919 + int(self.current_epoch))
+        extras_needed = getattr(self.objective, "requires_topk", 0) > 0
+        for _ in range(h.ppo_epochs):
+            order = torch.randperm(n, generator=generator).to(self.device)
+            for rows in order.chunk(h.num_minibatches):
+                global_count = self._global_count(mask[rows])
+                step_loss = torch.zeros((), device=self.device)
+                for micro in self._micro_batches(rows):
+                    stats = self._token_stats(self.policy, rollout, micro, extras_needed)
+                    extras = {}
+                    if extras_needed:
+                        extras = {
+                            "topk_logprobs": stats.extra_logprobs,
+                            "old_topk_logprobs": rollout.topk_logprobs[micro],
+                            "topk_ids": rollout.topk_ids[micro],
+                            "token_ids": rollout.completion_ids[micro],
+                        }
+                    out = self.objective(
+                        logprobs=stats.logprobs,
+                        old_logprobs=anchor[micro],
+                        advantages=token_advantages[micro],
+                        mask=mask[micro],
+                        global_count=global_count,
+                        **extras,
+                    )
+                    loss = out.loss
+                    if ref_logprobs is not None:
+                        kl = kl_penalty(stats.logprobs, ref_logprobs[micro], h.kl_estimator)
+                        kl_loss = aggregate(kl, mask[micro], self.objective.loss_agg_mode,
+                                            global_count=global_count, horizon=self.objective.loss_agg_horizon)
+                        loss = loss + h.kl_beta * kl_loss
+                        metrics["kl_ref"].append(aggregate(kl.detach(), mask[micro], "token-mean"))
+                    if stats.entropy is not None:
+                        entropy = aggregate(stats.entropy, mask[micro], "token-mean")
+                        metrics["entropy"].append(entropy.detach())
+                        if h.entropy_coef:
+                            loss = loss - h.entropy_coef * aggregate(
+                                stats.entropy, mask[micro], self.objective.loss_agg_mode,
+                                global_count=global_count, horizon=self.objective.loss_agg_horizon)
+                    for key, value in out.metrics.items():
+                        metrics[key].append(value)
+                    self.manual_backward(loss)
+                    step_loss = step_loss + loss.detach()
+                self._optimizer_update(optimizer, scheduler, step_loss, metrics)
+
+        # 5. metrics
+        step_seconds = time.perf_counter() - step_start
+        self._log_step(rollout, scored, rewards, advantages, metrics, rollout_seconds, step_seconds)
+
+    def _optimizer_update(self, optimizer, scheduler, loss: torch.Tensor, metrics) -> None:
+        params = [p for p in self.policy.parameters() if p.grad is not None]
+        max_norm = self.hparams.max_grad_norm if self.hparams.max_grad_norm is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
+        metrics["loss"].append(loss)
+        metrics["grad_norm"].append(grad_norm.detach())
+        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+            # A non-finite update would wreck the policy silently: skip it, count it, stop if it persists.
+            optimizer.zero_grad(set_to_none=True)
+            self.skipped_updates += 1
+            self._consecutive_skips += 1
+            if self._consecutive_skips >= self.hparams.max_consecutive_skips:
+                raise UserError(
+                    f"{self._consecutive_skips} consecutive updates had a non-finite loss or gradient "
+                    f"(loss={float(loss):.4g}, grad_norm={float(grad_norm):.4g}); stopping. Lower the "
+                    "learning rate or check the rewards (model.max_consecutive_skips)"
+                )
+            return
+        self._consecutive_skips = 0
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
+
+    def _log_step(self, rollout, scored, rewards, advantages, metrics, rollout_seconds, step_seconds) -> None:
+        G = self.hparams.num_generations
+        mask = rollout.completion_mask
+        tokens = float(mask.sum())
+        group_std = rewards.view(-1, G).std(-1) if G > 1 else torch.zeros(rewards.numel())
+        log = {
+            "reward/std": rewards.std() if rewards.numel() > 1 else torch.zeros(()),
+            "reward/zero_std_group_frac": (group_std == 0).float().mean(),
+            "advantage/abs_mean": advantages.abs().mean(),
+            "completion/length_mean": mask.sum(-1).float().mean(),
+            "completion/truncated_frac": rollout.truncated.float().mean(),
+            "perf/tokens_per_s": torch.tensor(tokens / max(step_seconds, 1e-9)),
+            "perf/rollout_s": torch.tensor(rollout_seconds),
+            "perf/step_s": torch.tensor(step_seconds),
+            "train/skipped_updates": torch.tensor(float(self.skipped_updates)),
+        }
+        for name, values in scored.per_function.items():
+            log[f"reward/{name}"] = values.float().mean()
+        fallbacks = sum(scored.num_fallbacks.values())
+        log["reward/fallbacks"] = torch.tensor(float(fallbacks))
+        for key, values in metrics.items():
+            prefix = "" if "/" in key else "train/"
+            log[prefix + key] = torch.stack([v.float().reshape(()) for v in values]).mean()
+        batch_size = rewards.numel()
+        self.log("reward", rewards.mean(), prog_bar=True, on_step=True, on_epoch=False, batch_size=batch_size)
+        self.log_dict({k: v.detach().float().cpu() for k, v in log.items()}, on_step=True, on_epoch=False,
+                      batch_size=batch_size)
+
+    # -- validation -----------------------------------------------------------------------------------
+    def validation_step(self, batch: dict[str, list], batch_idx: int) -> None:
+        k = self.hparams.val_num_samples
+        prompt_ids, prompt_mask = self._encode_prompts(batch["prompt"])
+        rollout = self._generate(prompt_ids, prompt_mask, k)
+        scored = self._score(batch, rollout, k)
+        correct = (scored.total >= self.hparams.val_success_threshold).float().view(-1, k)  # [B, k]
+        self.val_accuracy.update(correct.mean(-1))
+        self.val_pass_at_k.update(correct.max(-1).values)
+        self.val_reward.update(scored.total.float())
+
+    def on_validation_epoch_end(self) -> None:
+        k = self.hparams.val_num_samples
+        accuracy = self.val_accuracy.compute()
+        if self.trainer.sanity_checking:
+            # Lightning does not log during the sanity check; keep it as the "before" number.
+            self.initial_val_accuracy = float(accuracy)
+            self.print(f"held-out accuracy before training (mean@{k}): {float(accuracy):.3f}")
+        else:
+            self.log("val/accuracy", accuracy, prog_bar=True)
+            self.log(f"val/mean@{k}", accuracy)
+            self.log(f"val/pass@{k}", self.val_pass_at_k.compute())
+            self.log("val/reward", self.val_reward.compute())
+        self.val_accuracy.reset()
+        self.val_pass_at_k.reset()
+        self.val_reward.reset()
+
+    def test_step(self, batch: dict[str, list], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        k = self.hparams.val_num_samples
+        self.log("test/accuracy", self.val_accuracy.compute())
+        self.log(f"test/pass@{k}", self.val_pass_at_k.compute())
+        self.log("test/reward", self.val_reward.compute())
+        self.val_accuracy.reset()
+        self.val_pass_at_k.reset()
+        self.val_reward.reset()
+
+    # -- checkpoint & export --------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["drpo_counters"] = {"skipped_updates": self.skipped_updates,
+                                       "consecutive_skips": self._consecutive_skips,
+                                       "initial_val_accuracy": self.initial_val_accuracy}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        counters = checkpoint.get("drpo_counters", {})
+        self.skipped_updates = int(counters.get("skipped_updates", 0))
+        self._consecutive_skips = int(counters.get("consecutive_skips", 0))
+        self.initial_val_accuracy = counters.get("initial_val_accuracy")
+
+    def on_fit_end(self) -> None:
+        if self.hparams.export_dir == "":
+            return
+        target = self.hparams.export_dir or str(Path(self.trainer.log_dir or self.trainer.default_root_dir) / "export")
+        if self.trainer.is_global_zero:
+            self.policy.save_pretrained(target)
+            self.tokenizer.save_pretrained(target)
+            self.print(f"exported the trained policy to {target}")
+        self.export_path = target
