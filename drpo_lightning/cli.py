@@ -63,9 +63,9 @@ def _lightning_cli():
         """LightningCLI with plugin names, defaults for RL runs, and short error messages."""
 
         def add_arguments_to_parser(self, parser) -> None:
-            # The rollout's group size and the data's batch size must agree with the minibatch split;
-            # RLModule checks that in setup(), before the model loads.
-            parser.link_arguments("data.prompt_column", "model.prompt_column")
+            # Prompt formatting is configured once, on the data, and handed to the module that tokenises.
+            parser.link_arguments("data.chat_template", "model.chat_template")
+            parser.link_arguments("data.system_prompt", "model.system_prompt")
 
     return DRPOCLI
 

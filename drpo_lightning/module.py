@@ -72,14 +72,16 @@ class RLModule(pl.LightningModule):
             counts it in ``reward/fallbacks``.
         reward_fallback: the reward used by ``reward_on_error: fallback``.
         reward_timeout: seconds a reward function may take per call; None waits forever.
-        chat_template: apply the tokenizer's chat template to prompts (None: when the tokenizer has one).
-        system_prompt: system message added when the chat template is applied.
+        chat_template: apply the tokenizer's chat template to prompts (None: when the tokenizer has one);
+            linked from ``data.chat_template`` by the CLI.
+        system_prompt: system message put before each prompt; linked from ``data.system_prompt``.
         max_prompt_length: longest prompt in tokens; None: the model's context minus ``max_new_tokens``.
         val_num_samples: completions per held-out prompt (k of mean@k and pass@k).
         val_success_threshold: a held-out completion counts as correct when its total reward >= this.
         logprob_chunk_size: tokens per chunk of the memory-lean log-prob computation.
         lean_logprobs: compute log-probs from hidden states in chunks (never the full [N, T, V] logits).
         gradient_checkpointing: recompute activations in backward (less memory, ~30% more time).
+        disable_dropout: set every dropout probability of the policy to 0 (as TRL does by default).
         trust_remote_code: allow model folders with custom code. Off unless you trust the folder.
         model_kwargs: extra keyword arguments for ``AutoModelForCausalLM.from_pretrained``.
         export_dir: where the final policy is written with ``save_pretrained`` (default
@@ -118,6 +120,7 @@ class RLModule(pl.LightningModule):
         logprob_chunk_size: int = 1024,
         lean_logprobs: bool = True,
         gradient_checkpointing: bool = False,
+        disable_dropout: bool = True,
         trust_remote_code: bool = False,
         model_kwargs: dict[str, Any] | None = None,
         export_dir: str | None = None,
@@ -231,6 +234,13 @@ class RLModule(pl.LightningModule):
         self.policy = AutoModelForCausalLM.from_pretrained(
             self.model_path, local_files_only=True, trust_remote_code=self.hparams.trust_remote_code, **kwargs
         )
+        if self.hparams.disable_dropout:
+            # Dropout makes the training forward disagree with the rollout's: an off-policy gap for nothing.
+            for module in self.policy.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
+                if isinstance(getattr(module, "attention_dropout", None), float):
+                    module.attention_dropout = 0.0  # attention layers that call F.dropout themselves
         if self.hparams.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.policy.config.use_cache = False
@@ -252,8 +262,10 @@ class RLModule(pl.LightningModule):
     def _encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         from drpo_lightning.data import format_prompts
 
-        texts = format_prompts(self.tokenizer, prompts, self.hparams.chat_template, self.hparams.system_prompt)
-        templated = texts is not prompts  # the template already holds any BOS token
+        chat = self.hparams.chat_template
+        texts = format_prompts(self.tokenizer, prompts, chat, self.hparams.system_prompt)
+        templated = bool(getattr(self.tokenizer, "chat_template", None)) if chat is None else chat
+        # A rendered chat template already holds any BOS token.
         enc = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=not templated)
         limit = self._max_prompt_length()
         lengths = enc["attention_mask"].sum(-1)

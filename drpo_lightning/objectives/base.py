@@ -75,7 +75,8 @@ def aggregate(
     """
     if loss_agg_mode not in AGG_MODES:
         raise ValueError(f"loss_agg_mode must be one of {AGG_MODES}, got {loss_agg_mode!r}")
-    masked = token_loss * mask  # [B, T]
+    # where, not multiply: a non-finite value on a padded position must not turn the loss into NaN.
+    masked = torch.where(mask > 0, token_loss * mask, torch.zeros_like(token_loss))  # [B, T]
     if loss_agg_mode == "token-mean":
         numerator = masked.sum()
     else:
@@ -93,6 +94,7 @@ def aggregate(
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    values = torch.where(mask > 0, values, torch.zeros_like(values))
     return (values * mask).sum() / mask.sum().clamp(min=1)
 
 

@@ -128,9 +128,7 @@ class DPPO(Objective):
             }
         return coef * ratio, metrics
 
-    def _topk_tv(
-        self, pi: torch.Tensor, mu: torch.Tensor, extras: dict[str, torch.Tensor]
-    ) -> torch.Tensor:
+    def _topk_tv(self, pi: torch.Tensor, mu: torch.Tensor, extras: dict[str, torch.Tensor]) -> torch.Tensor:
         missing = [k for k in TOPK_EXTRAS if extras.get(k) is None]
         if missing:
             raise ValueError(

@@ -6,6 +6,7 @@ import torch
 
 from drpo_lightning.objectives.base import Objective, check_positive, clamped_ratio
 
+
 class DRPO(Objective):
     r"""Divergence Regularized Policy Optimization: a policy-gradient loss with a smooth, quadratic trust
     region around the behaviour policy instead of a hard clip or mask.
@@ -45,8 +46,9 @@ class DRPO(Objective):
     - ``drpo/weight_mean``: mean of ``w``.
     - ``drpo/corrective_frac``: fraction of tokens with ``w < 0``.
     - ``drpo/beyond_boundary_frac``: fraction that moved away from ``mu`` in the advantage's direction
-      (``sign(A (r - 1)) > 0``) by more than ``delta``. Algebraically this is the same set as ``w < 0``;
-      the two differ only by rounding at the boundary. Both are kept so dashboards can name either.
+      (``sign(A (r - 1)) > 0``) by more than ``delta``, i.e. past DPPO-TV's boundary. Since ``|pi - mu| <= 1``
+      this is exactly the set with ``w < 0``, so the two fractions are equal (both nonzero only for
+      ``delta < 1``); both names are kept, one for each way of reading the number.
 
     Args:
         delta: trust-region size ``delta > 0`` (in probability units).
@@ -79,7 +81,7 @@ class DRPO(Objective):
             mu = old_logprobs.exp()  # [B, T]
             # |A| mu / (2 delta) is a constant of the token: building it outside autograd keeps the graph
             # (and the backward pass) as short as PPO's.
-            quad_coef = advantages.abs() * mu * (0.5 / self.delta)  # [B, T]
+            quad_coef = advantages.abs().mul_(mu).mul_(0.5 / self.delta)  # [B, T]
         token_loss = quad_coef * (ratio - 1).square() - advantages * ratio  # [B, T]
 
         with torch.no_grad():
@@ -94,14 +96,17 @@ class DRPO(Objective):
         advantages: torch.Tensor,
         mask: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        # sign(A (r - 1)) = sign(A) * sign(z - y): read off in log space, where r - 1 would round to 0.
-        away = torch.sign(advantages) * torch.sign(logprobs - old_logprobs)  # [B, T] in {-1, 0, 1}
-        gap = (logprobs.exp() - mu).abs()  # [B, T] |pi - mu|
-        weight = 1 - away * gap / self.delta  # [B, T]
-        n = mask.sum().clamp(min=1)
-        beyond = (away > 0) & (gap > self.delta)
+        # sign(A (r - 1)) |pi - mu| = sign(A) (pi - mu), since r - 1 and pi - mu share their sign: one signed
+        # "distance moved in the advantage's direction" gives w = 1 - moved / delta in a few passes.
+        # In-place ops: on CPU, fresh [B, T] buffers (page faults) cost more than the arithmetic.
+        moved = logprobs.exp().sub_(mu).mul_(torch.sign(advantages))  # [B, T]
+        beyond = (moved > self.delta).to(mask.dtype)  # [B, T] exactly the tokens with w < 0
+        flat_mask = mask.reshape(-1)
+        n = flat_mask.sum()
+        valid = n.clamp(min=1)
+        beyond_frac = torch.dot(beyond.reshape(-1), flat_mask) / valid
         return {
-            "drpo/weight_mean": (weight * mask).sum() / n,
-            "drpo/corrective_frac": ((weight < 0) * mask).sum() / n,
-            "drpo/beyond_boundary_frac": (beyond * mask).sum() / n,
+            "drpo/weight_mean": (n - torch.dot(moved.reshape(-1), flat_mask) / self.delta) / valid,
+            "drpo/corrective_frac": beyond_frac,
+            "drpo/beyond_boundary_frac": beyond_frac.clone(),
         }

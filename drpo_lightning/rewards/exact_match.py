@@ -30,9 +30,17 @@ def find_numbers(text: str) -> list[Fraction]:
     return [Fraction(m.group(0).replace(",", "")) for m in NUMBER_RE.finditer(text)]
 
 
-def missing_column_error(plugin: str, column: str, columns: dict[str, Any]) -> KeyError:
+class MissingColumnError(KeyError, ValueError):
+    """A reward function needs a dataset column that the batch does not have."""
+
+    def __str__(self) -> str:  # KeyError would show the repr of the message
+        return str(self.args[0]) if self.args else ""
+
+
+def missing_column_error(plugin: str, column: str, columns: dict[str, Any]) -> MissingColumnError:
+    """The one-line error for a missing ``column``, listing the ``columns`` there are."""
     available = ", ".join(sorted(columns)) or "none"
-    return KeyError(
+    return MissingColumnError(
         f"reward {plugin!r} needs dataset column {column!r} (set answer_column); "
         f"available columns: {available}"
     )

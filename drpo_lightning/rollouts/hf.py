@@ -109,7 +109,9 @@ class _BehaviourRecorder(LogitsProcessor):
             out = warper(input_ids, out)
         return out
 
-    def finish(self, completion: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    def finish(
+        self, completion: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Per-token log mu ``[N, T']`` (and top-K ``[N, T', K]``) for the ``T'`` generated columns."""
         steps = completion.shape[1]
         if len(self.token_logps) == steps - 1:  # the last sampled token is gathered here

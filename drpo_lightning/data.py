@@ -1,0 +1,579 @@
+"""Prompt datasets for RL post-training: JSONL / JSON / Parquet files, on-disk HF datasets, built-in tasks.
+
+A training step consumes a batch of *prompts* (section 2 of the design): :class:`PromptDataModule` yields
+``{"prompt": [B strings], "answer": [B values], ...}``, one list per dataset column. The trainer tokenises the
+prompts (after :func:`format_prompts`) and passes every other column to the reward functions as keyword
+arguments.
+
+Every mistake in the data is reported as a one-line :class:`DataError` (a ``ValueError``) that names the config
+key and the file and line (or row) at fault, raised at construction or in :meth:`PromptDataModule.setup`,
+before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from drpo_lightning.errors import UserError
+
+__all__ = [
+    "DataError",
+    "EpochShuffleSampler",
+    "PromptDataModule",
+    "PromptDataset",
+    "collate_prompts",
+    "format_prompts",
+    "load_rows",
+    "split_train_val",
+]
+
+Row = dict[str, Any]
+_SUFFIXES = (".jsonl", ".json", ".parquet")
+_HF_VAL_SPLITS = ("validation", "valid", "val", "test")
+
+
+class DataError(UserError):
+    """A problem with the prompt data, explained in one line (config key, file:line or row, what is wrong)."""
+
+
+# --------------------------------------------------------------------------------------------------- loading
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _read_jsonl(path: Path) -> tuple[list[Any], Callable[[int], str]]:
+    """Rows of a JSON Lines file; blank lines are skipped. Errors name ``file:line``."""
+    rows: list[Any] = []
+    lines: list[int] = []
+    offset = 0
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(
+                    f"{path}:{lineno}: not valid UTF-8 (byte {offset + err.start} of the file, "
+                    f"{raw[err.start : err.start + 4]!r}); save the file as UTF-8"
+                ) from None
+            offset += len(raw)
+            if not text.strip():
+                continue
+            try:
+                rows.append(json.loads(text))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
+            lines.append(lineno)
+    return rows, lambda i: f"{path}:{lines[i]}"
+
+
+def _read_json(path: Path) -> tuple[list[Any], Callable[[int], str]]:
+    """A JSON array of objects; a file of one JSON object per line is read as JSON Lines."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        start = err.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
+        lineno = data.count(b"\n", 0, start) + 1
+        raise DataError(
+            f"{path}:{lineno}: not valid UTF-8 (byte {start} of the file, {data[start : start + 4]!r}); "
+            "save the file as UTF-8"
+        ) from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        if err.msg == "Extra data":  # several top-level values: JSON Lines with a .json suffix
+            return _read_jsonl(path)
+        raise DataError(f"{path}:{err.lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
+    if isinstance(value, dict):  # a single object is a one-row dataset
+        value = [value]
+    if not isinstance(value, list):
+        raise DataError(
+            f"{path}: expected a JSON array of objects or JSON Lines, got a {type(value).__name__}"
+        )
+    return value, lambda i: f"{path} row {i}"
+
+
+def _read_parquet(path: Path) -> tuple[list[Any], Callable[[int], str]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as err:
+        raise DataError(f"{path}: reading Parquet needs pyarrow: pip install pyarrow") from err
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ... for a corrupt file
+        raise DataError(f"{path}: cannot read as Parquet: {_first_line(err)}") from None
+    return rows, lambda i: f"{path} row {i}"
+
+
+def _is_saved_hf(path: Path) -> bool:
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def _read_hf(path: Path, key: str, prefer_val: bool) -> tuple[list[Any], Callable[[int], str], Any]:
+    """A ``save_to_disk`` folder. Returns rows, locator and (for a DatasetDict) the held-out split or None."""
+    try:
+        import datasets
+    except ImportError as err:
+        raise DataError(
+            f"{key}: {path} is a saved HF dataset; reading it needs: pip install datasets"
+        ) from err
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as err:
+        raise DataError(f"{key}: cannot load HF dataset {path}: {_first_line(err)}") from None
+    held_out = None
+    if isinstance(loaded, datasets.DatasetDict):
+        splits = list(loaded)
+        order = ("validation", "valid", "val", "test", "train") if prefer_val else ("train",)
+        chosen = next((s for s in order if s in loaded), splits[0] if len(splits) == 1 else None)
+        if chosen is None:
+            raise DataError(f"{key}: {path} has splits {splits} and none is called 'train'")
+        if not prefer_val:
+            held_name = next((s for s in _HF_VAL_SPLITS if s in loaded), None)
+            if held_name is not None:
+                held_out = (loaded[held_name].to_list(), _hf_locator(path, held_name))
+        return loaded[chosen].to_list(), _hf_locator(path, chosen), held_out
+    return loaded.to_list(), _hf_locator(path, None), None
+
+
+def _hf_locator(path: Path, split: str | None) -> Callable[[int], str]:
+    where = f"{path}[{split}]" if split else str(path)
+    return lambda i: f"{where} row {i}"
+
+
+def _read_file(path: Path, key: str) -> tuple[list[Any], Callable[[int], str]]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _read_jsonl(path)
+    if suffix == ".json":
+        return _read_json(path)
+    if suffix == ".parquet":
+        return _read_parquet(path)
+    raise DataError(
+        f"{key}: unsupported file type {path.name!r}; use .jsonl, .json, .parquet or a folder saved with "
+        "datasets.Dataset.save_to_disk"
+    )
+
+
+def load_rows(
+    path: str | os.PathLike[str], *, key: str = "data.path", prefer_val: bool = False
+) -> tuple[list[Any], Callable[[int], str], Any]:
+    """Read the raw rows at ``path``.
+
+    ``path`` is a ``.jsonl`` / ``.json`` / ``.parquet`` file, a folder written by ``save_to_disk`` (a Dataset or
+    a DatasetDict), or a folder of ``.jsonl`` / ``.json`` / ``.parquet`` shards (read in name order).
+
+    Returns ``(rows, where, held_out)``: ``where(i)`` describes row ``i`` for error messages (``file:line`` or
+    ``file row i``); ``held_out`` is ``(rows, where)`` of a DatasetDict's validation/test split when reading a
+    training set (``prefer_val=False``), else None. With ``prefer_val=True`` a DatasetDict's validation split is
+    read (falling back to test, then train). ``key`` is the config key named in errors.
+    """
+    p = Path(os.path.expanduser(str(path)))
+    if not p.exists():
+        raise DataError(f"{key}: file not found: {p}")
+    if p.is_file():
+        rows, where = _read_file(p, key)
+        return rows, where, None
+    if _is_saved_hf(p):
+        return _read_hf(p, key, prefer_val)
+    shards = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in _SUFFIXES)
+    if not shards:
+        raise DataError(
+            f"{key}: folder {p} is neither a saved HF dataset (save_to_disk) nor holds .jsonl/.json/.parquet files"
+        )
+    rows, spans = [], []
+    for shard in shards:
+        shard_rows, shard_where = _read_file(shard, key)
+        spans.append((len(rows), shard_where))
+        rows.extend(shard_rows)
+
+    def where(i: int) -> str:
+        start, shard_where = next(s for s in reversed(spans) if s[0] <= i)
+        return shard_where(i - start)
+
+    return rows, where, None
+
+
+def _normalise(rows: Sequence[Any], where: Callable[[int], str], prompt_column: str, key: str) -> list[Row]:
+    """Check every row and return items ``{"prompt": str, **other columns}``."""
+    items: list[Row] = []
+    dropped_prompt = False
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(
+                f"{where(i)}: expected an object with a {prompt_column!r} field, got {type(row).__name__}"
+            )
+        if prompt_column not in row:
+            raise DataError(
+                f"{where(i)}: no {prompt_column!r} column (data.prompt_column); available columns: {list(row)}"
+            )
+        prompt = row[prompt_column]
+        if not isinstance(prompt, str):
+            raise DataError(
+                f"{where(i)}: {prompt_column!r} must be a string, got {type(prompt).__name__} "
+                f"{_short(prompt)} (data.prompt_column)"
+            )
+        if not prompt.strip():
+            raise DataError(f"{where(i)}: {prompt_column!r} is empty")
+        item: Row = {"prompt": prompt}
+        for name, value in row.items():
+            if name == prompt_column:
+                continue
+            if name == "prompt":  # prompt_column is another column: the dataset's own "prompt" is replaced
+                dropped_prompt = True
+                continue
+            item[name] = value
+        items.append(item)
+    if dropped_prompt:
+        warnings.warn(
+            f"data.prompt_column={prompt_column!r}: the dataset's own 'prompt' column is ignored ({key})",
+            stacklevel=3,
+        )
+    return items
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def split_train_val(items: Sequence[Row], val_fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
+    """Split ``items`` into training and held-out rows, deterministically given ``seed``.
+
+    Rows are grouped by prompt text, so a prompt that occurs several times lands wholly on one side and
+    never leaks from training into validation. Distinct prompts are taken in a random order (a torch
+    generator seeded with ``seed``) into the held-out side until it holds ``round(len(items) * val_fraction)``
+    rows (at least one when ``val_fraction > 0``; never all of them). Both sides keep the file order.
+    """
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+    target = round(len(items) * val_fraction)
+    if val_fraction > 0:
+        target = max(target, 1)
+    if target == 0 or len(items) < 2:
+        return list(items), []
+    groups: dict[str, list[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(item["prompt"], []).append(i)
+    keys = list(groups)
+    order = torch.randperm(len(keys), generator=torch.Generator().manual_seed(seed)).tolist()
+    held: set[int] = set()
+    for k in order:
+        members = groups[keys[k]]
+        if len(held) + len(members) >= len(items):  # keep at least one training row
+            continue
+        held.update(members)
+        if len(held) >= target:
+            break
+    train = [item for i, item in enumerate(items) if i not in held]
+    val = [item for i, item in enumerate(items) if i in held]
+    return train, val
+
+
+# ------------------------------------------------------------------------------------------ dataset & loader
+
+
+class PromptDataset(Dataset):
+    """Map-style dataset of prompt rows; item ``i`` is a (shallow) copy of ``{"prompt": str, **columns}``."""
+
+    def __init__(self, items: Sequence[Row]) -> None:
+        self.items = list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Row:
+        return dict(self.items[index])
+
+
+def collate_prompts(items: Sequence[Row]) -> dict[str, list[Any]]:
+    """Turn B rows into one dict of columns: ``{"prompt": [B strings], "answer": [B values], ...}``.
+
+    Columns keep the order in which they first appear; a row missing a column contributes ``None``.
+    """
+    names: dict[str, None] = {}
+    for item in items:
+        names.update(dict.fromkeys(item))
+    return {name: [item.get(name) for item in items] for name in names}
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """Random order per epoch, a pure function of ``(seed, epoch)``.
+
+    Lightning calls :meth:`set_epoch` at the start of every epoch (also through its distributed sampler
+    wrapper), so a run resumed at an epoch boundary sees exactly the order an uninterrupted run would see.
+    """
+
+    def __init__(self, num_items: int, seed: int = 0, shuffle: bool = True) -> None:
+        self.num_items = num_items
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def __iter__(self):
+        if not self.shuffle:
+            return iter(range(self.num_items))
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
+        return iter(torch.randperm(self.num_items, generator=generator).tolist())
+
+
+# ------------------------------------------------------------------------------------------------- prompts
+
+
+def format_prompts(
+    tokenizer: Any, prompts: Sequence[str], chat_template: bool | None, system_prompt: str | None = None
+) -> list[str]:
+    """The text the policy sees for each prompt.
+
+    With the chat template (``chat_template=True``, or ``None`` when the tokenizer has one), each prompt
+    becomes a user message, preceded by a system message when ``system_prompt`` is given, rendered by
+    ``tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)``. Without it the
+    prompts are returned unchanged, except that a ``system_prompt`` is put in front of each (followed by a
+    blank line) rather than silently dropped.
+
+    Raises:
+        DataError: ``chat_template=True`` but the tokenizer has no chat template.
+    """
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    use = has_template if chat_template is None else chat_template
+    if use and not has_template:
+        raise DataError(
+            "data.chat_template=true but the tokenizer has no chat template; set data.chat_template to null or false"
+        )
+    if not use:
+        if system_prompt:
+            return [f"{system_prompt}\n\n{p}" for p in prompts]
+        return list(prompts)
+    out = []
+    for prompt in prompts:
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        messages.append({"role": "user", "content": prompt})
+        out.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    return out
+
+
+# --------------------------------------------------------------------------------------------- datamodule
+
+
+class PromptDataModule(LightningDataModule):
+    """Prompts for RL training, from a file, a saved HF dataset or a built-in task.
+
+    A batch is a dict of columns, ``{"prompt": [batch_size strings], "answer": [...], ...}``; every column other
+    than the prompt is passed to the reward functions as a keyword argument of the same name. Data errors are
+    raised as one-line :class:`DataError` messages at construction or in ``setup()``, before any model loads.
+
+    Training order is shuffled per epoch from ``(seed, epoch)`` and training batches are always full
+    (``drop_last``). A run resumed from an end-of-epoch checkpoint continues with the same order; one resumed
+    mid-epoch restarts that epoch's order (Lightning warns about it).
+
+    Args:
+        path: Training prompts: a ``.jsonl`` / ``.json`` / ``.parquet`` file, a folder written by
+            ``datasets.Dataset.save_to_disk`` (for a DatasetDict, the ``train`` split, and its
+            ``validation``/``test`` split as the held-out set when no ``val_path`` is given), or a folder of
+            such files. Exactly one of ``path`` and ``task`` must be set.
+        task: A registered task instead of a file: ``arithmetic``, or ``name:arg`` such as
+            ``reasoning_gym:chain_sum`` (needs the drpo-reasoning-gym plugin:
+            ``pip install ./plugins/drpo-reasoning-gym``). See ``drpo_lightning.tasks``.
+        task_size: Number of training prompts the task generates.
+        task_kwargs: Options of the task, e.g. ``{max_operand: 100, operations: ["+", "-"]}`` for
+            ``arithmetic``, or the reasoning-gym dataset's config options.
+        prompt_column: Column holding the prompt text; it reaches the trainer as ``prompt``.
+        val_path: Held-out prompts, in any form ``path`` accepts. Overrides the split below and a task's own
+            held-out set.
+        val_fraction: Share of the training file held out for validation when there is no ``val_path``, in
+            [0, 1); 0 turns validation off. The split is deterministic given ``seed``, and rows with the same
+            prompt stay on the same side. Not used with ``task``.
+        val_size: Number of held-out prompts a task generates (disjoint from its training prompts).
+        batch_size: Prompts per training step (each is sampled several times by the rollout).
+        val_batch_size: Prompts per validation batch.
+        seed: Seed of the held-out split, of the task generation and of the shuffling.
+        shuffle: Shuffle the training prompts every epoch.
+        num_workers: DataLoader worker processes (0 loads in the main process; prompts are cheap).
+        max_prompts: Keep only the first this-many training prompts (after the held-out split); for smoke tests.
+        chat_template: Whether the trainer wraps each prompt in the tokenizer's chat template as a user message.
+            None: use the template when the tokenizer has one; true: require it; false: feed raw prompts.
+        system_prompt: Optional system message put before each prompt (with the chat template, as a system
+            message; without it, as text followed by a blank line).
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        task: str | None = None,
+        task_size: int = 10000,
+        task_kwargs: dict[str, Any] | None = None,
+        prompt_column: str = "prompt",
+        val_path: str | None = None,
+        val_fraction: float = 0.05,
+        val_size: int = 500,
+        batch_size: int = 8,
+        val_batch_size: int = 32,
+        seed: int = 0,
+        shuffle: bool = True,
+        num_workers: int = 0,
+        max_prompts: int | None = None,
+        chat_template: bool | None = None,
+        system_prompt: str | None = None,
+    ) -> None:
+        super().__init__()
+        if (path is None) == (task is None):
+            raise DataError(
+                "set exactly one of data.path (a prompt file or dataset folder) and data.task (a built-in task), "
+                f"got data.path={path!r} and data.task={task!r}"
+            )
+        checks = [
+            (batch_size >= 1, f"data.batch_size must be >= 1, got {batch_size}"),
+            (val_batch_size >= 1, f"data.val_batch_size must be >= 1, got {val_batch_size}"),
+            (0 <= val_fraction < 1, f"data.val_fraction must be in [0, 1), got {val_fraction}"),
+            (task_size >= 1, f"data.task_size must be >= 1, got {task_size}"),
+            (val_size >= 0, f"data.val_size must be >= 0, got {val_size}"),
+            (num_workers >= 0, f"data.num_workers must be >= 0, got {num_workers}"),
+            (
+                max_prompts is None or max_prompts >= 1,
+                f"data.max_prompts must be >= 1 or null, got {max_prompts}",
+            ),
+            (bool(prompt_column), "data.prompt_column must be a non-empty column name"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise DataError(message)
+        if task_kwargs is not None and not isinstance(task_kwargs, dict):
+            raise DataError(f"data.task_kwargs must be a mapping, got {type(task_kwargs).__name__}")
+        self.path = path
+        self.task = task
+        self.task_size = task_size
+        self.task_kwargs = dict(task_kwargs or {})
+        self.prompt_column = prompt_column
+        self.val_path = val_path
+        self.val_fraction = val_fraction
+        self.val_size = val_size
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.num_workers = num_workers
+        self.max_prompts = max_prompts
+        self.chat_template = chat_template
+        self.system_prompt = system_prompt
+        self.train_dataset: PromptDataset | None = None
+        self.val_dataset: PromptDataset | None = None
+
+    # -- loading -------------------------------------------------------------------------------------------
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load and check the prompts (idempotent; every rank loads the same data)."""
+        if self.train_dataset is not None:
+            return
+        if self.task is not None:
+            from drpo_lightning.tasks import build_task
+
+            train_rows, val_rows = build_task(
+                self.task,
+                train_size=self.task_size,
+                val_size=0 if self.val_path is not None else self.val_size,
+                seed=self.seed,
+                **self.task_kwargs,
+            )
+            train = _normalise(train_rows, lambda i: f"task {self.task} row {i}", "prompt", "data.task")
+            val = (
+                _normalise(val_rows, lambda i: f"task {self.task} row {i}", "prompt", "data.task")
+                if val_rows
+                else []
+            )
+        else:
+            rows, where, held_out = load_rows(self.path, key="data.path")
+            if not rows:
+                raise DataError(f"data.path: no rows in {self.path}")
+            items = _normalise(rows, where, self.prompt_column, "data.path")
+            if self.val_path is not None:
+                train, val = items, []
+            elif held_out is not None:
+                train = items
+                val = (
+                    _normalise(held_out[0], held_out[1], self.prompt_column, "data.path")
+                    if held_out[0]
+                    else []
+                )
+            else:
+                train, val = split_train_val(items, self.val_fraction, self.seed)
+        if self.val_path is not None:
+            rows, where, _ = load_rows(self.val_path, key="data.val_path", prefer_val=True)
+            if not rows:
+                raise DataError(f"data.val_path: no rows in {self.val_path}")
+            val = _normalise(rows, where, self.prompt_column, "data.val_path")
+        if self.max_prompts is not None:
+            train = train[: self.max_prompts]
+        if len(train) < self.batch_size:
+            source = f"data.path={self.path}" if self.path is not None else f"data.task={self.task}"
+            raise DataError(
+                f"{source}: only {len(train)} training prompts, fewer than data.batch_size={self.batch_size} "
+                "(training batches are always full); lower data.batch_size or add prompts"
+            )
+        self.train_dataset = PromptDataset(train)
+        self.val_dataset = PromptDataset(val)
+
+    @property
+    def columns(self) -> list[str]:
+        """Column names a batch carries (``prompt`` first); available after ``setup()``."""
+        if self.train_dataset is None:
+            raise RuntimeError("PromptDataModule.columns is available after setup()")
+        names: dict[str, None] = {}
+        for item in self.train_dataset.items[:1000]:
+            names.update(dict.fromkeys(item))
+        return list(names)
+
+    # -- loaders -------------------------------------------------------------------------------------------
+
+    def _require_setup(self) -> None:
+        if self.train_dataset is None:
+            self.setup()
+
+    def train_dataloader(self) -> DataLoader:
+        self._require_setup()
+        assert self.train_dataset is not None
+        return DataLoader(
+            self.train_dataset,
+            batch_size=self.batch_size,
+            sampler=EpochShuffleSampler(len(self.train_dataset), seed=self.seed, shuffle=self.shuffle),
+            drop_last=True,
+            collate_fn=collate_prompts,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Held-out prompts in file order; an empty list (no validation) when there are none."""
+        self._require_setup()
+        assert self.val_dataset is not None
+        if len(self.val_dataset) == 0:
+            return []
+        return DataLoader(
+            self.val_dataset,
+            batch_size=self.val_batch_size,
+            shuffle=False,
+            drop_last=False,
+            collate_fn=collate_prompts,
+            num_workers=self.num_workers,
+        )
+
+    def test_dataloader(self) -> DataLoader | list:
+        """Same prompts as :meth:`val_dataloader`."""
+        return self.val_dataloader()
