@@ -234,6 +234,7 @@ class RLModule(pl.LightningModule):
         self.policy = AutoModelForCausalLM.from_pretrained(
             self.model_path, local_files_only=True, trust_remote_code=self.hparams.trust_remote_code, **kwargs
         )
+        self.policy.train()  # from_pretrained returns eval mode; gradient checkpointing needs train mode
         if self.hparams.disable_dropout:
             # Dropout makes the training forward disagree with the rollout's: an off-policy gap for nothing.
             for module in self.policy.modules():
