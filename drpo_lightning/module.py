@@ -228,29 +228,20 @@ class RLModule(pl.LightningModule):
     def configure_model(self) -> None:
         if self.policy is not None:
             return
-        from transformers import AutoModelForCausalLM
+        from drpo_lightning.models import load_policy, load_reference
 
-        kwargs = dict(self.hparams.model_kwargs or {})
-        self.policy = AutoModelForCausalLM.from_pretrained(
-            self.model_path, local_files_only=True, trust_remote_code=self.hparams.trust_remote_code, **kwargs
+        h = self.hparams
+        self.policy = load_policy(
+            self.model_path,
+            trust_remote_code=h.trust_remote_code,
+            model_kwargs=h.model_kwargs,
+            gradient_checkpointing=h.gradient_checkpointing,
+            no_dropout=h.disable_dropout,
         )
-        self.policy.train()  # from_pretrained returns eval mode; gradient checkpointing needs train mode
-        if self.hparams.disable_dropout:
-            # Dropout makes the training forward disagree with the rollout's: an off-policy gap for nothing.
-            for module in self.policy.modules():
-                if isinstance(module, torch.nn.Dropout):
-                    module.p = 0.0
-                if isinstance(getattr(module, "attention_dropout", None), float):
-                    module.attention_dropout = 0.0  # attention layers that call F.dropout themselves
-        if self.hparams.gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            self.policy.config.use_cache = False
-        if self.hparams.kl_beta > 0 and not hasattr(self.policy, "disable_adapter"):
-            # A frozen copy of the initial policy; adapter (LoRA) runs reuse the base weights instead.
-            self.reference = AutoModelForCausalLM.from_pretrained(
-                self.model_path, local_files_only=True, trust_remote_code=self.hparams.trust_remote_code, **kwargs
+        if h.kl_beta > 0:
+            self.reference = load_reference(
+                self.policy, self.model_path, trust_remote_code=h.trust_remote_code, model_kwargs=h.model_kwargs
             )
-            self.reference.requires_grad_(False).eval()
 
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]
