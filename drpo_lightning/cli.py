@@ -71,23 +71,53 @@ def _lightning_cli():
 
 
 def _plugins_command(argv: Sequence[str]) -> int:
-    from importlib.metadata import PackageNotFoundError, version
+    """``drpo plugins [-v]``: every plugin of every kind with its package; broken ones flagged (exit 1)."""
+    import argparse
+    from importlib.metadata import PackageNotFoundError, entry_points, version
 
+    from drpo_lightning.registry import ALLOW_LIST_ENV, DISABLE_AUTOLOAD_ENV, _allowed
+
+    parser = argparse.ArgumentParser(
+        prog="drpo plugins",
+        description="List the installed plugins (objectives, rollouts, rewards, advantages, tasks) and the "
+        "package of each. Broken plugins are flagged BROKEN; the others still work (exit code 0, or 1 with --strict).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="show the traceback of each broken plugin")
+    parser.add_argument("--strict", action="store_true", help="exit with code 1 when any plugin is broken")
+    args = parser.parse_args(list(argv))
     load_all()
     try:
         own = version("drpo-lightning")
     except PackageNotFoundError:  # running from a source tree
         own = "?"
     print(f"drpo-lightning {own}")
-    if os.environ.get("DRPO_LIGHTNING_DISABLE_PLUGIN_AUTOLOAD"):
-        allow = os.environ.get("DRPO_LIGHTNING_PLUGINS", "")
-        print(f"(autoload off: built-ins{' + ' + allow if allow else ''} only)")
+    autoload_off = bool(os.environ.get(DISABLE_AUTOLOAD_ENV))
+    if autoload_off:
+        allow = os.environ.get(ALLOW_LIST_ENV, "")
+        print(f"(autoload off: built-ins{' + ' + allow if allow else ''} only; {DISABLE_AUTOLOAD_ENV} is set)")
+    broken: list[str] = []
     for kind, registry in REGISTRIES.items():
         print(f"\n{kind}:")
         for name, info in registry.available().items():
             print(f"  {name:<16} {info.target:<52} {info.package} {info.version}")
         for name, error in sorted(registry.errors.items()):
             print(f"  {name:<16} BROKEN: {error}")
+            broken.append(f"{kind}/{name}")
+            if args.verbose and name in registry.tracebacks:
+                print("    " + registry.tracebacks[name].rstrip().replace("\n", "\n    "))
+        if autoload_off:
+            for ep in entry_points(group=registry.group):
+                dist = getattr(ep, "dist", None)
+                package = dist.name if dist is not None else "<unknown>"
+                if not _allowed(ep.name, package):
+                    print(f"  {ep.name:<16} not loaded: autoload is off and {package} is not in {ALLOW_LIST_ENV}")
+    if broken:
+        print(
+            f"\n{len(broken)} broken plugin(s): {', '.join(broken)} (the others work; "
+            "`drpo plugins -v` shows the tracebacks)",
+            file=sys.stderr,
+        )
+        return 1 if args.strict else 0
     return 0
 
 
@@ -105,16 +135,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             return plot_main(argv[1:])
         load_all()
         install_plugin_names()
+        _check_optional_imports(argv)
+        from jsonargparse import ArgumentError
+
         from drpo_lightning.data import PromptDataModule
         from drpo_lightning.module import RLModule
 
-        _lightning_cli()(
-            RLModule,
-            PromptDataModule,
-            args=argv,
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs={"parser_mode": "yaml"},
-        )
+        parser_kwargs = {"parser_mode": "yaml", "exit_on_error": False}
+        saved_argv = sys.argv
+        # LightningCLI reads sys.argv itself; hand it ours (without --debug) instead of passing args=.
+        sys.argv = [saved_argv[0] if saved_argv else "drpo", *argv]
+        try:
+            _lightning_cli()(
+                RLModule,
+                PromptDataModule,
+                save_config_kwargs={"overwrite": True},
+                parser_kwargs={**parser_kwargs, **{cmd: dict(parser_kwargs) for cmd in ("fit", "validate", "test")}},
+            )
+        except ArgumentError as err:
+            if debug:
+                raise
+            print(f"drpo: error: {condense_parse_error(str(err))}", file=sys.stderr)
+            print("drpo: (see `drpo fit --help`; --debug shows the full message)", file=sys.stderr)
+            return 2
+        finally:
+            sys.argv = saved_argv
         return 0
     except SystemExit as exit_:
         return int(exit_.code or 0) if not isinstance(exit_.code, str) else 2
@@ -129,16 +174,88 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+OPTIONAL_PACKAGES = {"bitsandbytes": "quant", "peft": "quant"}
+"""Import roots of optional dependencies -> the drpo-lightning extra that installs them."""
+
+
+def _check_optional_imports(argv: Sequence[str]) -> None:
+    """A class path into an optional package that is not installed (``model.optimizer: {class_path:
+    bitsandbytes.optim.AdamW8bit}``) fails here with one line naming the key and the extra, instead of
+    jsonargparse's usage text. Reads the ``--config`` files and ``--key=value`` / ``--key value`` arguments."""
+    import contextlib
+    from pathlib import Path
+
+    import yaml
+
+    from drpo_lightning.errors import ConfigError
+    from drpo_lightning.models import package_available
+
+    found: dict[str, str] = {}  # key -> value; a later --config or --key overrides an earlier one
+
+    def walk(key: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(key if k in ("class_path", "init_args") else f"{key}.{k}".lstrip("."), v)
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(f"{key}[{i}]", v)
+        elif isinstance(value, str):
+            found[key] = value
+
+    args = list(argv)
+    for i, arg in enumerate(args):
+        if not arg.startswith("--"):
+            continue
+        key, has_value, value = arg[2:].partition("=")
+        if not has_value and i + 1 < len(args):
+            value = args[i + 1]
+        if key == "config" and Path(value).is_file():
+            with contextlib.suppress(yaml.YAMLError, OSError):
+                walk("", yaml.safe_load(Path(value).read_text()))
+        else:
+            found[key.removesuffix(".class_path")] = value
+    for key, value in found.items():
+        root = value.split(".", 1)[0]
+        if "." in value and root in OPTIONAL_PACKAGES and not package_available(root):
+            extra = OPTIONAL_PACKAGES[root]
+            raise ConfigError(f"{key}: {value} needs {root}: pip install 'drpo-lightning[{extra}]'")
+
+
+def condense_parse_error(message: str) -> str:
+    """One line out of jsonargparse's multi-line error: the config key and the most telling reason."""
+    import re
+
+    lines = [line.strip().lstrip("- ").strip() for line in message.splitlines() if line.strip()]
+    key = re.search(r'[Kk]ey "([^"]+)"', message)
+    prefix = f"{key.group(1)}: " if key else ""
+    ours = [line for line in lines if re.search(r"unknown \w+ '|installed but broken|must be", line)]
+    if ours:
+        return prefix + ours[0]
+    noise = ("Parser key", "Does not validate against any of the types", "Expected a <class 'NoneType'>",
+             "Given value type", "Errors:")
+    useful = [line for line in lines if not line.startswith(noise)]
+    return prefix + (useful[0] if useful else lines[0] if lines else "invalid arguments")
+
+
 def _user_error_message(err: BaseException) -> str | None:
     """A one-line message for the errors a user causes (bad config, data, plugin); None for bugs."""
+    import re
+
     from drpo_lightning.errors import UserError
 
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, (UserError, PluginError)):
-            return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    chain: list[BaseException] = []
+    while err is not None and all(err is not e for e in chain):
+        chain.append(err)
         err = err.__cause__ or err.__context__
+    for e in chain:
+        if isinstance(e, (UserError, PluginError)):
+            return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    # A plugin constructor refused its arguments while jsonargparse instantiated it: name the plugin and
+    # give the constructor's own message (it names the argument and value).
+    for e in chain:
+        found = re.search(r"Given value: Namespace\(class_path='([\w.]+)'", str(e))
+        if found and isinstance(chain[-1], ValueError):
+            return f"{found.group(1).rsplit('.', 1)[1]}: {str(chain[-1]).strip().splitlines()[0]}"
     return None
 
 

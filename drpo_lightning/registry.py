@@ -212,8 +212,9 @@ OBJECTIVES = Registry("objectives", "drpo_lightning.objectives.base:Objective")
 ROLLOUTS = Registry("rollouts", "drpo_lightning.rollouts.base:RolloutEngine")
 REWARDS = Registry("rewards", "drpo_lightning.rewards.base:RewardFunction")
 ADVANTAGES = Registry("advantages", "drpo_lightning.advantages.base:AdvantageEstimator")
+TASKS = Registry("tasks", "drpo_lightning.tasks:Task")
 
-REGISTRIES: dict[str, Registry] = {r.kind: r for r in (OBJECTIVES, ROLLOUTS, REWARDS, ADVANTAGES)}
+REGISTRIES: dict[str, Registry] = {r.kind: r for r in (OBJECTIVES, ROLLOUTS, REWARDS, ADVANTAGES, TASKS)}
 
 
 def load_all(reload: bool = False) -> dict[str, Registry]:

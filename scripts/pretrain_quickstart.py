@@ -83,6 +83,15 @@ def evaluate(model, tokenizer, pairs, *, do_sample: bool, seed: int = 1234, batc
     return correct / len(pairs)
 
 
+def portable_tokenizer_config(folder: Path) -> None:
+    """Name the tokenizer class ``PreTrainedTokenizerFast`` (transformers 5 writes ``TokenizersBackend``,
+    which transformers 4.x does not know; 5.x maps the old name to the same class)."""
+    path = Path(folder) / "tokenizer_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    path.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(QUICKSTART_POLICY), help="output folder (model + tokenizer)")
@@ -90,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--target-accuracy", type=float, default=0.25, help="stop when sampled held-out acc >= this")
     p.add_argument("--max-steps", type=int, default=5000)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup-steps", type=int, default=50)
     p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
@@ -109,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"params={n_params:,} train_pairs={len(train)} heldout_pairs={len(heldout)}", flush=True)
 
     ids, mask, labels = encode_examples(tokenizer, train)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup_steps))
     gen = torch.Generator().manual_seed(args.seed)
 
@@ -141,6 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     model.generation_config.max_new_tokens = 8
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    portable_tokenizer_config(out)
     info = {
         "task": "a+b= with a, b uniform in [0, 100); completion = str(a+b) + eos",
         "heldout_rule": "(a * 7919 + b * 104729) % 20 == 0  (drpo_lightning.tiny.is_heldout)",
@@ -155,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         "seed": args.seed,
         "batch_size": args.batch_size,
         "lr": args.lr,
+        "weight_decay": args.weight_decay,
         "threads": args.threads,
         "params": n_params,
         "torch": torch.__version__,

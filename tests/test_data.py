@@ -329,6 +329,8 @@ def test_registered_task_with_arg_part(echo_task):
         build_task("echo:ab", train_size=1, val_size=1, word="cd")
     with pytest.raises(TaskError, match="'echo' cannot be built from its options.*word"):
         build_task("echo", train_size=1, val_size=1)
+    with pytest.raises(TaskError, match="nothing after the ':' in 'echo:'"):
+        build_task("echo:", train_size=1, val_size=1)
 
 
 def test_missing_reasoning_gym_plugin_says_what_to_install(monkeypatch):
