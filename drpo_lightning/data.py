@@ -21,13 +21,14 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from drpo_lightning.errors import UserError
 
 __all__ = [
     "DataError",
     "EpochShuffleSampler",
+    "PromptDataLoader",
     "PromptDataModule",
     "PromptDataset",
     "collate_prompts",
@@ -71,9 +72,12 @@ def _read_jsonl(path: Path) -> tuple[list[Any], Callable[[int], str]]:
             if not text.strip():
                 continue
             try:
-                rows.append(json.loads(text))
+                # Without the line break, an unterminated value is reported at its own line's column.
+                rows.append(json.loads(text.rstrip("\r\n")))
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
+            except (ValueError, RecursionError) as err:  # an integer of > 4300 digits; nesting too deep
+                raise DataError(f"{path}:{lineno}: invalid JSON: {_first_line(err)}") from None
             lines.append(lineno)
     return rows, lambda i: f"{path}:{lines[i]}"
 
@@ -96,6 +100,8 @@ def _read_json(path: Path) -> tuple[list[Any], Callable[[int], str]]:
         if err.msg == "Extra data":  # several top-level values: JSON Lines with a .json suffix
             return _read_jsonl(path)
         raise DataError(f"{path}:{err.lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
+    except (ValueError, RecursionError) as err:  # an integer of > 4300 digits; nesting too deep
+        raise DataError(f"{path}: invalid JSON: {_first_line(err)}") from None
     if isinstance(value, dict):  # a single object is a one-row dataset
         value = [value]
     if not isinstance(value, list):
@@ -309,30 +315,115 @@ def collate_prompts(items: Sequence[Row]) -> dict[str, list[Any]]:
     return {name: [item.get(name) for item in items] for name in names}
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """Random order per epoch, a pure function of ``(seed, epoch)``.
+class EpochShuffleSampler(DistributedSampler):
+    """Random order per epoch, a pure function of ``(seed, epoch)``, optionally sharded across ranks.
 
-    Lightning calls :meth:`set_epoch` at the start of every epoch (also through its distributed sampler
-    wrapper), so a run resumed at an epoch boundary sees exactly the order an uninterrupted run would see.
+    The global order of an epoch is ``randperm(num_items)`` from a generator seeded with ``(seed, epoch)``
+    (identity without ``shuffle``), cut to a multiple of ``num_replicas``. Rank ``r`` takes positions
+    ``r, r + W, r + 2W, ...`` of it. With a per-rank batch of ``B`` prompts, step ``k`` of the ``W`` ranks
+    together therefore covers global positions ``[k*W*B, (k+1)*W*B)``: exactly the batch a single process with
+    batch size ``W*B`` sees at step ``k``, so a multi-rank run sees the same prompts per step as one process.
+
+    It subclasses :class:`~torch.utils.data.DistributedSampler` only so that Lightning does not wrap it in its
+    own ``DistributedSamplerWrapper``: that wrapper shuffles the positions once more (``shuffle=True`` for every
+    training loader, seeded from ``PL_GLOBAL_SEED``) before taking ``rank::W``, so the union of the ranks'
+    batches at a step would *not* be the single-process batch.
+
+    Lightning calls :meth:`set_epoch` at the start of every epoch, so a run resumed at an epoch boundary sees
+    exactly the order an uninterrupted run would see; :meth:`resume_at` makes the next iteration start
+    mid-epoch (see :class:`PromptDataLoader`).
     """
 
-    def __init__(self, num_items: int, seed: int = 0, shuffle: bool = True) -> None:
+    def __init__(
+        self, num_items: int, seed: int = 0, shuffle: bool = True, num_replicas: int = 1, rank: int = 0
+    ) -> None:
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"EpochShuffleSampler: invalid rank {rank} of num_replicas={num_replicas}")
+        # DistributedSampler.__init__ is not called: it wants a dataset and may query torch.distributed.
         self.num_items = num_items
         self.seed = seed
         self.shuffle = shuffle
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.drop_last = True
+        self.num_samples = num_items // num_replicas
+        self.total_size = self.num_samples * num_replicas
         self.epoch = 0
+        self._start: tuple[int, int] | None = None  # (epoch, first position of this rank's share)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def resume_at(self, epoch: int, position: int) -> None:
+        """Make the next iteration, if it is of epoch ``epoch``, start at ``position`` of this rank's share."""
+        self._start = (epoch, position)
+
     def __len__(self) -> int:
-        return self.num_items
+        return self.num_samples
+
+    def global_order(self) -> list[int]:
+        """The epoch's order of all items (before sharding)."""
+        if not self.shuffle:
+            return list(range(self.num_items))
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
+        return torch.randperm(self.num_items, generator=generator).tolist()
 
     def __iter__(self):
-        if not self.shuffle:
-            return iter(range(self.num_items))
-        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
-        return iter(torch.randperm(self.num_items, generator=generator).tolist())
+        mine = self.global_order()[: self.total_size][self.rank :: self.num_replicas]
+        start = 0
+        if self._start is not None:
+            epoch, position = self._start
+            self._start = None
+            if epoch == self.epoch:
+                start = position
+        return iter(mine[start:])
+
+
+class PromptDataLoader(DataLoader):
+    """A DataLoader whose position within an epoch is saved in checkpoints and restored on resume.
+
+    Lightning saves ``state_dict()`` of every training loader that has one (``fit_loop`` -> ``combined_loader``
+    in the checkpoint) and calls ``load_state_dict`` on resume before iterating. The state is ``{"epoch",
+    "batches"}``: the sampler's epoch and the batches this rank has drawn from it. On resume the first
+    iteration of that epoch skips those batches: an :class:`EpochShuffleSampler` skips the indices without
+    loading anything; any other sampler's batches are drawn and dropped. A checkpoint taken after the last
+    batch of an epoch resumes at the start of the next epoch.
+    """
+
+    _position: tuple[int, int] = (0, 0)
+    _pending: tuple[int, int] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, batches = self._position
+        return {"epoch": int(epoch), "batches": int(batches)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._pending = (int(state["epoch"]), int(state["batches"]))
+
+    def __iter__(self):
+        return self._iterate()
+
+    def _iterate(self):
+        # A generator: this runs at the first next(), after Lightning has called set_epoch.
+        sampler = self.sampler
+        epoch = int(getattr(sampler, "epoch", 0))
+        skip = 0
+        if self._pending is not None:
+            saved_epoch, saved_batches = self._pending
+            self._pending = None
+            if saved_epoch == epoch and 0 < saved_batches < len(self):
+                skip = saved_batches
+        drop = skip
+        if skip and isinstance(sampler, EpochShuffleSampler) and self.batch_size is not None:
+            sampler.resume_at(epoch, skip * self.batch_size)
+            drop = 0
+        self._position = (epoch, skip)
+        iterator = super().__iter__()
+        for _ in range(drop):
+            next(iterator)
+        for batch in iterator:
+            self._position = (epoch, self._position[1] + 1)
+            yield batch
 
 
 # ------------------------------------------------------------------------------------------------- prompts
@@ -381,8 +472,10 @@ class PromptDataModule(LightningDataModule):
     raised as one-line :class:`DataError` messages at construction or in ``setup()``, before any model loads.
 
     Training order is shuffled per epoch from ``(seed, epoch)`` and training batches are always full
-    (``drop_last``). A run resumed from an end-of-epoch checkpoint continues with the same order; one resumed
-    mid-epoch restarts that epoch's order (Lightning warns about it).
+    (``drop_last``). With several data-parallel ranks each rank takes every W-th prompt of that order (see
+    :class:`EpochShuffleSampler`), so W ranks with ``batch_size`` B see, step for step, the prompts one process
+    with batch size W*B would see. The loader's position is saved in checkpoints: a run resumed mid-epoch
+    continues with the next unseen batch (see :class:`PromptDataLoader`).
 
     Args:
         path: Training prompts: a ``.jsonl`` / ``.json`` / ``.parquet`` file, a folder written by
@@ -402,7 +495,8 @@ class PromptDataModule(LightningDataModule):
             [0, 1); 0 turns validation off. The split is deterministic given ``seed``, and rows with the same
             prompt stay on the same side. Not used with ``task``.
         val_size: Number of held-out prompts a task generates (disjoint from its training prompts).
-        batch_size: Prompts per training step (each is sampled several times by the rollout).
+        batch_size: Prompts per training step *per data-parallel rank* (each is sampled several times by the
+            rollout); the global batch is ``batch_size * number of ranks``.
         val_batch_size: Prompts per validation batch.
         seed: Seed of the held-out split, of the task generation and of the shuffling.
         shuffle: Shuffle the training prompts every epoch.
@@ -542,6 +636,14 @@ class PromptDataModule(LightningDataModule):
 
     # -- loaders -------------------------------------------------------------------------------------------
 
+    def _data_parallel_rank(self) -> tuple[int, int]:
+        """``(number of data-parallel ranks, this rank)`` from the attached trainer's strategy; (1, 0) alone."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.world_size <= 1:
+            return 1, 0
+        kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
+        return int(kwargs.get("num_replicas", trainer.world_size)), int(kwargs.get("rank", trainer.global_rank))
+
     def _require_setup(self) -> None:
         if self.train_dataset is None:
             self.setup()
@@ -549,10 +651,22 @@ class PromptDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         self._require_setup()
         assert self.train_dataset is not None
-        return DataLoader(
+        num_replicas, rank = self._data_parallel_rank()
+        sampler = EpochShuffleSampler(
+            len(self.train_dataset), seed=self.seed, shuffle=self.shuffle, num_replicas=num_replicas, rank=rank
+        )
+        if len(sampler) < self.batch_size:
+            raise DataError(
+                f"{len(self.train_dataset)} training prompts over {num_replicas} data-parallel ranks leave "
+                f"{len(sampler)} per rank, fewer than data.batch_size={self.batch_size}; lower data.batch_size"
+            )
+        return PromptDataLoader(
             self.train_dataset,
             batch_size=self.batch_size,
-            sampler=EpochShuffleSampler(len(self.train_dataset), seed=self.seed, shuffle=self.shuffle),
+            sampler=sampler,
+            # Its own generator: creating an iterator (every epoch, and on resume) then draws the workers' base
+            # seed from it instead of from the global torch RNG, which the rollout samples with.
+            generator=torch.Generator().manual_seed(self.seed),
             drop_last=True,
             collate_fn=collate_prompts,
             num_workers=self.num_workers,
@@ -569,6 +683,7 @@ class PromptDataModule(LightningDataModule):
             self.val_dataset,
             batch_size=self.val_batch_size,
             shuffle=False,
+            generator=torch.Generator().manual_seed(self.seed),  # leaves the global torch RNG alone
             drop_last=False,
             collate_fn=collate_prompts,
             num_workers=self.num_workers,

@@ -29,6 +29,7 @@ from torchmetrics import MeanMetric
 from drpo_lightning.advantages.base import AdvantageEstimator
 from drpo_lightning.errors import ConfigError, UserError
 from drpo_lightning.kl import KL_ESTIMATORS, kl_penalty
+from drpo_lightning.models import LoRA, Quantization, check_adapter_packages
 from drpo_lightning.objectives.base import Objective, aggregate
 from drpo_lightning.rewards.base import RewardFunction
 from drpo_lightning.rollouts.base import RolloutEngine
@@ -84,6 +85,13 @@ class RLModule(pl.LightningModule):
         disable_dropout: set every dropout probability of the policy to 0 (as TRL does by default).
         trust_remote_code: allow model folders with custom code. Off unless you trust the folder.
         model_kwargs: extra keyword arguments for ``AutoModelForCausalLM.from_pretrained``.
+        quantization: load the frozen base weights in 4-bit (NF4/FP4) or 8-bit with bitsandbytes, e.g.
+            ``{bits: 4}``; needs ``lora``. None: full precision. See :class:`drpo_lightning.models.Quantization`.
+        lora: train LoRA adapters (peft) instead of all weights, e.g. ``{r: 16, target_modules: all-linear}``;
+            the KL reference is then the same model with adapters disabled (no second copy) and checkpoints
+            hold only the adapters and optimizer state. See :class:`drpo_lightning.models.LoRA`.
+        merge_adapters_on_export: with ``lora``, export a plain model with the adapters merged into a fresh
+            full-precision copy of the base instead of the adapter folder.
         export_dir: where the final policy is written with ``save_pretrained`` (default
             ``<log_dir>/export``); empty string disables export.
         optimizer: optimizer factory, e.g. ``{class_path: torch.optim.AdamW, init_args: {lr: 1e-6}}``.
@@ -123,6 +131,9 @@ class RLModule(pl.LightningModule):
         disable_dropout: bool = True,
         trust_remote_code: bool = False,
         model_kwargs: dict[str, Any] | None = None,
+        quantization: Quantization | None = None,
+        lora: LoRA | None = None,
+        merge_adapters_on_export: bool = False,
         export_dir: str | None = None,
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -143,6 +154,7 @@ class RLModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self._check_config()
+        self.strict_loading = lora is None  # adapter checkpoints omit the frozen base weights
         self.policy: torch.nn.Module | None = None
         self.reference: torch.nn.Module | None = None
         self.tokenizer = None
@@ -187,6 +199,9 @@ class RLModule(pl.LightningModule):
                 f"model.model_name_or_path: {h.model_name_or_path!r} is not a local folder (nothing is "
                 "downloaded; save the model with save_pretrained and give its path)"
             )
+        check_adapter_packages(h.quantization, h.lora)  # quant extra installed; quantization needs lora
+        if h.merge_adapters_on_export and h.lora is None:
+            raise ConfigError("model.merge_adapters_on_export merges LoRA adapters and needs model.lora")
 
     def _check_sizes(self, prompts_per_batch: int) -> None:
         h = self.hparams
@@ -237,11 +252,34 @@ class RLModule(pl.LightningModule):
             model_kwargs=h.model_kwargs,
             gradient_checkpointing=h.gradient_checkpointing,
             no_dropout=h.disable_dropout,
+            quantization=h.quantization,
+            lora=h.lora,
         )
         if h.kl_beta > 0:
             self.reference = load_reference(
                 self.policy, self.model_path, trust_remote_code=h.trust_remote_code, model_kwargs=h.model_kwargs
             )
+        if self.device_mesh is not None:
+            self._shard_fsdp2()
+
+    def _shard_fsdp2(self) -> None:
+        """FSDP2 under Lightning's ``ModelParallelStrategy``: ``fully_shard`` each decoder layer (classes from
+        the model's ``_no_split_modules``), then the model, over the data-parallel mesh. The reference model,
+        if any, is sharded the same way."""
+        from drpo_lightning.distributed import shard_with_fsdp2
+
+        mesh = self.device_mesh
+        if "data_parallel" in (mesh.mesh_dim_names or ()):
+            if "tensor_parallel" in mesh.mesh_dim_names and mesh["tensor_parallel"].size() > 1:
+                raise ConfigError(
+                    "ModelParallelStrategy with tensor_parallel_size > 1 is not supported by RLModule; set "
+                    "trainer.strategy.init_args.data_parallel_size to the number of devices and "
+                    "tensor_parallel_size: 1 (pure FSDP2)"
+                )
+            mesh = mesh["data_parallel"]
+        shard_with_fsdp2(self.policy, mesh)
+        if self.reference is not None:
+            shard_with_fsdp2(self.reference, mesh)
 
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]
@@ -276,8 +314,13 @@ class RLModule(pl.LightningModule):
         return None if context is None else int(context) - int(self.rollout.max_new_tokens)
 
     def _generate(self, prompt_ids, prompt_mask, num_generations: int, topk: int = 0) -> RolloutBatch:
-        return self.rollout.generate(
+        from drpo_lightning.distributed import call_through, unwrap
+
+        # Through the (possibly FSDP-sharded) policy's forward, so its parameters are gathered for generate.
+        return call_through(
             self.policy,
+            self.rollout.generate,
+            unwrap(self.policy),
             prompt_ids,
             prompt_mask,
             num_generations=num_generations,
@@ -309,20 +352,30 @@ class RLModule(pl.LightningModule):
         )
 
     def _token_stats(self, model, rollout: RolloutBatch, rows: torch.Tensor, with_topk: bool):
+        from drpo_lightning.distributed import call_through, unwrap
         from drpo_lightning.logprobs import policy_token_stats
 
         input_ids = torch.cat([rollout.prompt_ids[rows], rollout.completion_ids[rows]], dim=1)  # [n, P+T]
         attention = torch.cat([rollout.prompt_mask[rows], rollout.completion_mask[rows].long()], dim=1)
-        return policy_token_stats(
+        # Through the model's forward: an FSDP-sharded model gathers its parameters (and registers its
+        # gradient hooks) around the lean path, which runs the decoder body and uses the head weight directly.
+        return call_through(
             model,
+            policy_token_stats,
+            unwrap(model),
             input_ids,
             attention,
             rollout.prompt_ids.shape[1],
-            temperature=getattr(self.rollout, "temperature", 1.0),
+            temperature=self._rollout_temperature(),
             chunk_size=self.hparams.logprob_chunk_size,
             extra_ids=rollout.topk_ids[rows] if with_topk and rollout.topk_ids is not None else None,
             lean=self.hparams.lean_logprobs,
         )
+
+    def _rollout_temperature(self) -> float:
+        """The temperature the rollout sampled at (HFRollout keeps it in ``sampling``)."""
+        sampling = getattr(self.rollout, "sampling", None)
+        return float(getattr(sampling, "temperature", getattr(self.rollout, "temperature", 1.0)))
 
     def _micro_batches(self, rows: torch.Tensor) -> list[torch.Tensor]:
         size = self.hparams.micro_batch_size or rows.numel()
@@ -437,9 +490,8 @@ class RLModule(pl.LightningModule):
         self._log_step(rollout, scored, rewards, advantages, metrics, rollout_seconds, step_seconds)
 
     def _optimizer_update(self, optimizer, scheduler, loss: torch.Tensor, metrics) -> None:
-        params = [p for p in self.policy.parameters() if p.grad is not None]
         max_norm = self.hparams.max_grad_norm if self.hparams.max_grad_norm is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
+        grad_norm = self._clip_grad_norm(max_norm)
         metrics["loss"].append(loss)
         metrics["grad_norm"].append(grad_norm.detach())
         if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
@@ -459,6 +511,27 @@ class RLModule(pl.LightningModule):
         optimizer.zero_grad(set_to_none=True)
         if scheduler is not None:
             scheduler.step()
+
+    def _clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Clip the policy gradient to ``max_norm`` (inf: measure only) and return its total norm.
+
+        Sharded gradients need the norm over all shards: FSDP1 through the root unit's ``clip_grad_norm_``
+        (``torch.nn.utils.clip_grad_norm_`` would clip each rank by its own shard's norm), FSDP2 through
+        ``clip_grad_norm_`` on DTensor gradients. Both are collectives, called on every rank.
+        """
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        from drpo_lightning.distributed import is_sharded
+
+        root = self.trainer.strategy.model if self._trainer is not None else None
+        if isinstance(root, FullyShardedDataParallel):
+            return root.clip_grad_norm_(max_norm).detach()
+        params = [p for p in self.policy.parameters() if p.grad is not None]
+        if not params and not is_sharded(self.policy):
+            return torch.zeros((), device=self.device)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        full_tensor = getattr(grad_norm, "full_tensor", None)  # a DTensor for FSDP2 gradients
+        return (full_tensor() if callable(full_tensor) else grad_norm).detach()
 
     def _log_step(self, rollout, scored, rewards, advantages, metrics, rollout_seconds, step_seconds) -> None:
         G = self.hparams.num_generations
@@ -492,7 +565,11 @@ class RLModule(pl.LightningModule):
     def validation_step(self, batch: dict[str, list], batch_idx: int) -> None:
         k = self.hparams.val_num_samples
         prompt_ids, prompt_mask = self._encode_prompts(batch["prompt"])
-        rollout = self._generate(prompt_ids, prompt_mask, k)
+        # Validation samples from a fork of the RNG: it does not move the training sampling stream, so a run
+        # resumed from a checkpoint (which skips the validation that ran right after it) continues exactly.
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            rollout = self._generate(prompt_ids, prompt_mask, k)
         scored = self._score(batch, rollout, k)
         correct = (scored.total >= self.hparams.val_success_threshold).float().view(-1, k)  # [B, k]
         self.val_accuracy.update(correct.mean(-1))
@@ -529,22 +606,86 @@ class RLModule(pl.LightningModule):
 
     # -- checkpoint & export --------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from drpo_lightning.checkpoint import gather_rng_states
+
         checkpoint["drpo_counters"] = {"skipped_updates": self.skipped_updates,
                                        "consecutive_skips": self._consecutive_skips,
                                        "initial_val_accuracy": self.initial_val_accuracy}
+        # Lightning saves no RNG state: keep every rank's torch / CUDA / numpy / python states (a collective).
+        checkpoint["drpo_rng_states"] = gather_rng_states(self.trainer if self._trainer is not None else None)
+        self._keep_only_adapter_weights(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         counters = checkpoint.get("drpo_counters", {})
         self.skipped_updates = int(counters.get("skipped_updates", 0))
         self._consecutive_skips = int(counters.get("consecutive_skips", 0))
         self.initial_val_accuracy = counters.get("initial_val_accuracy")
+        self._rng_to_restore = checkpoint.get("drpo_rng_states")
+        self._check_adapter_weights(checkpoint)
+
+    def on_train_start(self) -> None:
+        # RNG states from a checkpoint are applied here, right before the first resumed step, so nothing that
+        # runs between loading and training (model set-up, moving to the device) consumes them.
+        states = getattr(self, "_rng_to_restore", None)
+        if states:
+            from drpo_lightning.checkpoint import restore_rng_states
+
+            restore_rng_states(states, self.trainer)
+        self._rng_to_restore = None
+
+    # -- adapter (LoRA) checkpoints: trainable weights + optimizer state only -------------------------
+    def _trainable_keys(self) -> set[str]:
+        return {name for name, p in self.named_parameters() if p.requires_grad}
+
+    def _keep_only_adapter_weights(self, checkpoint: dict[str, Any]) -> None:
+        """With ``model.lora`` drop the frozen (possibly quantized) base weights from the checkpoint: they
+        are reloaded from ``model_name_or_path`` on resume (``strict_loading`` is off for that). The
+        ``quantization``/``lora`` hyperparameters are stored as plain dicts, which ``torch.load`` with
+        ``weights_only=True`` (Lightning's default on resume) accepts; the module takes either form."""
+        import dataclasses
+
+        hparams = checkpoint.get("hyper_parameters")
+        for key in ("quantization", "lora"):
+            if isinstance(hparams, dict) and dataclasses.is_dataclass(hparams.get(key)):
+                hparams[key] = dataclasses.asdict(hparams[key])
+        if self.hparams.lora is None or self.policy is None or "state_dict" not in checkpoint:
+            return
+        keep = self._trainable_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def _check_adapter_weights(self, checkpoint: dict[str, Any]) -> None:
+        """Non-strict loading must not hide missing adapters: every trainable weight must be there."""
+        if self.hparams.lora is None or self.policy is None or "state_dict" not in checkpoint:
+            return
+        missing = sorted(self._trainable_keys() - set(checkpoint["state_dict"]))
+        if missing:
+            raise ConfigError(
+                f"the checkpoint lacks {len(missing)} adapter weights of this model.lora setting (e.g. "
+                f"{missing[0]}): it was saved with other model.lora or model.model_name_or_path values"
+            )
 
     def on_fit_end(self) -> None:
         if self.hparams.export_dir == "":
             return
         target = self.hparams.export_dir or str(Path(self.trainer.log_dir or self.trainer.default_root_dir) / "export")
+        from drpo_lightning.distributed import full_state_dict, is_sharded, save_pretrained_full
+
+        if is_sharded(self.policy):
+            # FSDP / FSDP2: gather the full weights (a collective on every rank), write them from rank 0.
+            state_dict = full_state_dict(self.trainer.strategy.model, prefix="policy.")
+            if self.trainer.is_global_zero:
+                save_pretrained_full(self.policy, target, state_dict)
+                self.tokenizer.save_pretrained(target)
+                self.print(f"exported the trained policy to {target}")
+            self.export_path = target
+            self.trainer.strategy.barrier("drpo-export")
+            return
         if self.trainer.is_global_zero:
-            self.policy.save_pretrained(target)
+            from drpo_lightning.models import export_policy
+
+            export_policy(self.policy, target, merge_adapters=self.hparams.merge_adapters_on_export,
+                          base_path=self.model_path, trust_remote_code=self.hparams.trust_remote_code,
+                          model_kwargs=self.hparams.model_kwargs)
             self.tokenizer.save_pretrained(target)
             self.print(f"exported the trained policy to {target}")
         self.export_path = target
