@@ -231,8 +231,8 @@ def condense_parse_error(message: str) -> str:
     ours = [line for line in lines if re.search(r"unknown \w+ '|installed but broken|must be", line)]
     if ours:
         return prefix + ours[0]
-    noise = ("Parser key", "Does not validate against any of the types", "Expected a <class 'NoneType'>",
-             "Given value type", "Errors:")
+    noise = ("Parser key", "Does not validate against any of the", "Expected a <class 'NoneType'>",
+             "Given value type", "Errors:", "Subtypes:", "Problem with given class_path")
     useful = [line for line in lines if not line.startswith(noise)]
     return prefix + (useful[0] if useful else lines[0] if lines else "invalid arguments")
 
@@ -242,14 +242,21 @@ def _user_error_message(err: BaseException) -> str | None:
     import re
 
     from drpo_lightning.errors import UserError
+    from drpo_lightning.rewards.combine import RewardError
 
     chain: list[BaseException] = []
     while err is not None and all(err is not e for e in chain):
         chain.append(err)
         err = err.__cause__ or err.__context__
     for e in chain:
-        if isinstance(e, (UserError, PluginError)):
+        if isinstance(e, (UserError, PluginError, RewardError)):
             return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    # transformers refuses a model folder with custom code (config.json auto_map) unless it is trusted.
+    for e in chain:
+        found = re.search(r"The repository (.+?) contains custom code which must be executed", str(e))
+        if found and isinstance(e, ValueError):
+            return (f"model.trust_remote_code: {found.group(1)} contains custom code (auto_map); it is not run "
+                    "unless you set model.trust_remote_code: true, which only a folder you trust deserves")
     # A plugin constructor refused its arguments while jsonargparse instantiated it: name the plugin and
     # give the constructor's own message (it names the argument and value).
     for e in chain:

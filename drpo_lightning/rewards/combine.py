@@ -193,22 +193,25 @@ def compute_rewards(
     per_function: dict[str, torch.Tensor] = {}
     num_fallbacks: dict[str, int] = {}
 
-    def fail(name: str, what: str, index: int | None) -> None:
+    def fail(name: str, what: str, index: int | None, cause: BaseException | None = None) -> None:
         if index is None:
             where = f"(all {n} completions; first: {short_repr(completions[0])})" if n else ""
         else:
             where = f"at sample {index} (completion {short_repr(completions[index])})"
-        raise RewardError(_one_line(f"reward function {name!r} {what} {where}"))
+        # Chained to the plugin's own exception, so `drpo fit --debug` shows where the plugin failed.
+        raise RewardError(_one_line(f"reward function {name!r} {what} {where}")) from cause
 
     for fn, weight, name in zip(functions, weights, names):
         scores: list[float | None]
         whole_failure: str | None = None
+        cause: BaseException | None = None
         try:
             raw = call_with_timeout(fn, timeout, prompts=prompts, completions=completions, **columns)
         except TimeoutError:
             whole_failure = f"timed out after {timeout:g} s (its thread keeps running in the background)"
         except Exception as err:
             whole_failure = f"raised {type(err).__name__}: {err}"
+            cause = err
         else:
             values = _as_list(raw)
             if values is None:
@@ -217,7 +220,7 @@ def compute_rewards(
                 whole_failure = f"returned {len(values)} scores for {n} completions"
         if whole_failure is not None:
             if on_error == "raise":
-                fail(name, whole_failure, None)
+                fail(name, whole_failure, None, cause)
             scores = [None] * n
         else:
             scores = [_as_score(v) for v in values]
