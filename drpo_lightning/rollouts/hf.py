@@ -8,6 +8,7 @@ at a time, so the engine never holds the ``[N, T, V]`` stack of per-step logits 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import warnings
 from collections.abc import Iterator
@@ -147,21 +148,69 @@ def _autocast(setting: torch.dtype | bool | None, device_type: str) -> contextli
     return torch.autocast(device_type=device_type, dtype=setting)
 
 
+class _BelowError(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
+_QUIET = _BelowError()
+
+
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
-    """Silence transformers' chatter about generation flags for one call (we pass every flag on purpose)."""
-    logger = logging.getLogger("transformers.generation.utils")
-    config_logger = logging.getLogger("transformers.generation.configuration_utils")
-    old = logger.level, config_logger.level
-    logger.setLevel(logging.ERROR)
-    config_logger.setLevel(logging.ERROR)
+    """Silence transformers' chatter about generation flags for one call (we pass every flag on purpose).
+
+    A filter, not ``setLevel``: every ``setLevel`` clears the level cache of every logger in the process,
+    which cost ~0.7 ms per rollout (4% of a step of a tiny model)."""
+    loggers = [logging.getLogger("transformers.generation.utils"),
+               logging.getLogger("transformers.generation.configuration_utils")]
+    for logger in loggers:
+        logger.addFilter(_QUIET)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=UserWarning, module=r"transformers\.generation")
             yield
     finally:
-        logger.setLevel(old[0])
-        config_logger.setLevel(old[1])
+        for logger in loggers:
+            logger.removeFilter(_QUIET)
+
+
+def _accepts(fn, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _shared_prompt_cache(
+    policy: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, repeats: int
+) -> dict[str, object]:
+    """``generate`` keyword arguments that hand it a KV cache of each prompt's first ``P-1`` tokens, computed
+    once per prompt (``[B, P]``) and repeated for its ``repeats`` samples; ``{}`` when that cannot be done.
+
+    ``generate`` would otherwise prefill the same prompt ``repeats`` times. With the cache it runs only the last
+    prompt token per sample, so the sampled tokens and recorded log-probs are those of the plain call (same
+    logits up to float rounding, same random draws). Only a plain full-attention ``DynamicCache`` is used
+    (no sliding windows or hybrid layers); a policy whose ``forward`` takes neither ``cache`` (transformers
+    5.2x) nor ``past_key_values`` (e.g. a PEFT wrapper) is left alone.
+    """
+    forward = getattr(policy, "forward", None)
+    name = next((n for n in ("cache", "past_key_values") if _accepts(forward, n)), None)
+    if name is None or prompt_ids.shape[1] < 2:
+        return {}
+    mask = prompt_mask[:, :-1]
+    inputs = {"input_ids": prompt_ids[:, :-1], "attention_mask": mask, "use_cache": True}
+    if _accepts(forward, "position_ids"):
+        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    if _accepts(forward, "logits_to_keep"):
+        inputs["logits_to_keep"] = 1
+    out = policy(**inputs)
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+        return {}
+    cache.batch_repeat_interleave(repeats)
+    return {name: cache}
 
 
 class HFRollout(RolloutEngine):
@@ -206,6 +255,9 @@ class HFRollout(RolloutEngine):
             Sampling in bf16 while training in float32 reproduces the training-inference mismatch that
             DRPO/DPPO's trust region controls (up to ~0.3 nats per token on a tiny model).
         use_cache: Use the KV cache during generation (turn off only to debug cache issues; much slower).
+        share_prompt: Prefill each prompt once and give ``generate`` that KV cache repeated for the
+            ``num_generations`` samples, instead of prefilling every sample's copy of the prompt (same samples,
+            less work; see :func:`_shared_prompt_cache`). Needs ``use_cache``.
     """
 
     def __init__(
@@ -217,6 +269,7 @@ class HFRollout(RolloutEngine):
         min_new_tokens: int = 0,
         precision: str | None = None,
         use_cache: bool = True,
+        share_prompt: bool = True,
     ) -> None:
         self.sampling = SamplingParams(
             max_new_tokens=max_new_tokens,
@@ -233,6 +286,7 @@ class HFRollout(RolloutEngine):
         self.precision = precision
         self._autocast_setting = _PRECISIONS[key]
         self.use_cache = use_cache
+        self.share_prompt = share_prompt
         self._warned_fields: set[str] = set()
 
     def __repr__(self) -> str:
@@ -240,7 +294,7 @@ class HFRollout(RolloutEngine):
         return (
             f"HFRollout(max_new_tokens={s.max_new_tokens}, temperature={s.temperature}, top_p={s.top_p}, "
             f"top_k={s.top_k}, min_new_tokens={s.min_new_tokens}, precision={self.precision!r}, "
-            f"use_cache={self.use_cache})"
+            f"use_cache={self.use_cache}, share_prompt={self.share_prompt})"
         )
 
     def _generation_config(self, eos_token_ids: list[int], pad_token_id: int) -> GenerationConfig:
@@ -322,8 +376,9 @@ class HFRollout(RolloutEngine):
 
         device = prompt_ids.device
         batch = prompt_ids.shape[0]
-        prompt_ids = prompt_ids.long().repeat_interleave(num_generations, dim=0)
-        prompt_mask = prompt_mask.long().repeat_interleave(num_generations, dim=0)
+        unique_ids, unique_mask = prompt_ids.long(), prompt_mask.long()  # [B, P]
+        prompt_ids = unique_ids.repeat_interleave(num_generations, dim=0)
+        prompt_mask = unique_mask.repeat_interleave(num_generations, dim=0)
         group_ids = torch.arange(batch, device=device).repeat_interleave(num_generations)
 
         recorder = _BehaviourRecorder(self.sampling, eos_ids, topk, pad_token_id)
@@ -333,11 +388,15 @@ class HFRollout(RolloutEngine):
             _autocast(self._autocast_setting, device.type),
             _quiet_transformers(),
         ):
+            shared = {}
+            if self.share_prompt and self.use_cache and num_generations > 1:
+                shared = _shared_prompt_cache(policy, unique_ids, unique_mask, num_generations)
             out = policy.generate(
                 input_ids=prompt_ids,
                 attention_mask=prompt_mask,
                 generation_config=self._generation_config(eos_ids, pad_token_id),
                 logits_processor=LogitsProcessorList([recorder]),
+                **shared,
             )
         sequences = out.sequences if hasattr(out, "sequences") else out
         completion = sequences[:, prompt_ids.shape[1] :]
