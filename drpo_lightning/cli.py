@@ -1,7 +1,8 @@
 """The ``drpo`` command: a LightningCLI for :class:`~drpo_lightning.module.RLModule`.
 
 ``drpo fit|validate|test --config cfg.yaml`` are LightningCLI subcommands; ``drpo plugins`` lists the
-installed plugins. Plugins are loaded *before* the parser is built so that all three config forms work for
+installed plugins, ``drpo plot-weights`` draws objectives' gradient weights and ``drpo sweep`` runs a grid of
+configs x seeds. Plugins are loaded *before* the parser is built so that all three config forms work for
 every plugin kind::
 
     objective: drpo                                   # registered name, default arguments
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 
 from drpo_lightning.registry import REGISTRIES, PluginError, load_all, registry_for
 
-EXTRA_COMMANDS = ("plugins", "plot-weights")
+EXTRA_COMMANDS = ("plugins", "plot-weights", "sweep")
 
 
 def install_plugin_names() -> None:
@@ -133,6 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from drpo_lightning.plot import main as plot_main
 
             return plot_main(argv[1:])
+        if argv and argv[0] == "sweep":
+            from drpo_lightning.sweep import main as sweep_main
+
+            return sweep_main(argv[1:])
         load_all()
         install_plugin_names()
         _check_optional_imports(argv)

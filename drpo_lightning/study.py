@@ -1,0 +1,264 @@
+"""The stability report of a finished ``drpo sweep``: accuracy curves, summary table, and a plain verdict.
+
+Reads every run's ``result.json`` (see :mod:`drpo_lightning.sweep`) and writes ``stability.md`` plus PNG plots
+into one folder. Definitions, stated again in the report itself:
+
+- **accuracy**: held-out ``val/accuracy`` (one sample per prompt at the rollout temperature); step 0 is the
+  evaluation before training.
+- **final**: mean of a run's last two evaluations (one evaluation swings by a few points).
+- **AUC reward**: mean training reward over all steps (area under the reward curve / steps).
+- **AUC accuracy**: mean held-out accuracy over all evaluations, step 0 included.
+- **collapse**: after its best evaluation, a run's accuracy falls below half of that best.
+- **trust-region fraction**: what the objective did to tokens: DRPO's corrective fraction (w < 0), DPPO's
+  masked fraction, PPO's clipped fraction (low + high).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from drpo_lightning.sweep import Grid, read_result
+
+__all__ = ["run_summary", "summarise", "write_report"]
+
+TRUST_REGION_KEYS = (("drpo/corrective_frac",), ("dppo/masked_frac",), ("ppo/clip_frac_low", "ppo/clip_frac_high"),
+                     ("spo/corrective_frac",))
+
+
+def _values(series: list[list[float]]) -> list[float]:
+    return [v for _, v in series]
+
+
+def trust_region_series(metrics: dict[str, list[list[float]]]) -> list[list[float]]:
+    """``[[step, fraction]]`` of the tokens the objective clipped, masked or corrected (summed over keys)."""
+    for keys in TRUST_REGION_KEYS:
+        if all(k in metrics for k in keys):
+            steps = [s for s, _ in metrics[keys[0]]]
+            return [[s, sum(metrics[k][i][1] for k in keys)] for i, s in enumerate(steps)]
+    return []
+
+
+def accuracy_curve(result: dict[str, Any]) -> list[list[float]]:
+    """``[[step, accuracy]]`` with the before-training evaluation at step 0."""
+    curve = [list(p) for p in result["metrics"].get("val/accuracy", [])]
+    if result.get("val_accuracy_before") is not None:
+        curve.insert(0, [0, result["val_accuracy_before"]])
+    return curve
+
+
+def run_summary(result: dict[str, Any]) -> dict[str, float]:
+    """The per-run numbers of the table (see the module docstring for definitions)."""
+    acc = _values(accuracy_curve(result))
+    rewards = _values(result["metrics"].get("reward", []))
+    best_i = max(range(len(acc)), key=acc.__getitem__) if acc else 0
+    collapsed = bool(acc) and acc[best_i] > 0 and min(acc[best_i:]) < 0.5 * acc[best_i]
+    gap = _values(result["metrics"].get("train/abs_prob_diff", []))
+    trust = _values(trust_region_series(result["metrics"]))
+    nan = float("nan")
+    return {
+        "before": acc[0] if acc else nan,
+        "final": statistics.fmean(acc[-2:]) if acc else nan,
+        "best": acc[best_i] if acc else nan,
+        "auc_accuracy": statistics.fmean(acc) if acc else nan,
+        "auc_reward": statistics.fmean(rewards) if rewards else nan,
+        "collapsed": float(collapsed),
+        "abs_prob_diff": statistics.fmean(gap) if gap else nan,
+        "trust_frac": statistics.fmean(trust) if trust else nan,
+        "skipped": max(_values(result["metrics"].get("train/skipped_updates", [[0, 0.0]]))),
+        "seconds": float(result.get("seconds", nan)),
+    }
+
+
+def _mean_sd(xs: list[float]) -> tuple[float, float]:
+    xs = [x for x in xs if not math.isnan(x)]
+    if not xs:
+        return float("nan"), float("nan")
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarise(grid: Grid) -> dict[tuple[str, str], dict[str, Any]]:
+    """``{(setting, objective): {"runs": [...results], "per_run": [...summaries], "n": seeds done}}``."""
+    cells: dict[tuple[str, str], dict[str, Any]] = {}
+    for run in grid.runs:
+        cell = cells.setdefault((run.setting, run.objective), {"runs": [], "per_run": [], "missing": 0})
+        if run.state() != "done":
+            cell["missing"] += 1
+            continue
+        result = read_result(run)
+        cell["runs"].append(result)
+        cell["per_run"].append(run_summary(result))
+    for cell in cells.values():
+        cell["n"] = len(cell["runs"])
+    return cells
+
+
+def _fmt(mean: float, sd: float, pct: bool = True) -> str:
+    if math.isnan(mean):
+        return "n/a"
+    scale = 100 if pct else 1
+    return f"{mean * scale:.1f} ± {sd * scale:.1f}" if pct else f"{mean:.3f} ± {sd:.3f}"
+
+
+def _mean_curve(curves: list[list[list[float]]]) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Mean, min and max over runs at the steps every run has."""
+    steps = sorted(set.intersection(*[{s for s, _ in c} for c in curves])) if curves else []
+    lookup = [dict((s, v) for s, v in c) for c in curves]
+    mean = [statistics.fmean(d[s] for d in lookup) for s in steps]
+    lo = [min(d[s] for d in lookup) for s in steps]
+    hi = [max(d[s] for d in lookup) for s in steps]
+    return steps, mean, lo, hi
+
+
+def _smooth(steps: list[float], values: list[float], window: int) -> tuple[list[float], list[float]]:
+    if window <= 1 or len(values) < window:
+        return steps, values
+    out = [statistics.fmean(values[i - window + 1 : i + 1]) for i in range(window - 1, len(values))]
+    return steps[window - 1 :], out
+
+
+def _plot(cells, settings: list[str], objectives: list[str], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    panels = [
+        ("accuracy", "held-out accuracy (mean, shaded min-max over seeds)", lambda r: accuracy_curve(r), 1),
+        ("abs_prob_diff", "|π − μ| of sampled tokens (moving mean of 10 steps)",
+         lambda r: r["metrics"].get("train/abs_prob_diff", []), 10),
+        ("trust_frac", "tokens clipped / masked / corrected (moving mean of 10 steps)",
+         lambda r: trust_region_series(r["metrics"]), 10),
+        ("reward", "training reward (moving mean of 10 steps)", lambda r: r["metrics"].get("reward", []), 10),
+    ]
+    for key, title, get, window in panels:
+        fig, axes = plt.subplots(1, len(settings), figsize=(6.5 * len(settings), 4.2), squeeze=False)
+        for ax, setting in zip(axes[0], settings):
+            for objective in objectives:
+                cell = cells.get((setting, objective))
+                curves = [get(r) for r in cell["runs"]] if cell else []
+                curves = [c for c in curves if c]
+                if not curves:
+                    continue
+                steps, mean, lo, hi = _mean_curve(curves)
+                s_mean = _smooth(steps, mean, window)
+                (line,) = ax.plot(*s_mean, label=objective, lw=1.6, marker="o" if window == 1 else None, ms=3)
+                if window == 1:
+                    ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.12)
+            ax.set_title(f"{setting}: {title}", fontsize=9)
+            ax.set_xlabel("rollout step")
+            ax.grid(alpha=0.3)
+        axes[0][-1].legend(fontsize=8, loc="best")
+        fig.tight_layout()
+        name = f"stability_{key}.png"
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+    return written
+
+
+def write_report(grid: Grid, out: Path, command: str | None = None) -> Path:
+    """Write ``out/stability.md`` and its PNGs from the finished runs of ``grid``; returns the report path."""
+    out.mkdir(parents=True, exist_ok=True)
+    cells = summarise(grid)
+    settings = list(dict.fromkeys(r.setting for r in grid.runs))
+    objectives = list(dict.fromkeys(r.objective for r in grid.runs))
+    plots = _plot(cells, settings, objectives, out)
+    meta = grid.meta
+    command = command or f"drpo sweep run --grid {grid.path} && drpo sweep report --grid {grid.path} --out {out}"
+    lines = [
+        "# Does DRPO deliver? Stability under off-policy training",
+        "",
+        "Reproduce this report (every number and plot below comes from one run of it):",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        f"Grid: `{grid.path}` (base config `{meta.get('base')}`, seeds {meta.get('seeds')}, "
+        f"overrides `{meta.get('overrides')}`).",
+    ]
+    if meta.get("description"):
+        lines += ["", str(meta["description"]).strip()]
+    lines += [
+        "",
+        "Definitions: *final* = mean of a run's last two held-out evaluations; *AUC acc* = mean held-out "
+        "accuracy over all evaluations (before training included); *AUC reward* = mean training reward over "
+        "all steps; *collapse* = after its best evaluation a run falls below half of that best; "
+        "*|π−μ|* = mean absolute probability shift of the sampled tokens from the behaviour policy; "
+        "*TR frac* = tokens DRPO corrected (w < 0), DPPO masked, or PPO clipped. "
+        "Values are mean ± standard deviation over seeds, in percent except |π−μ|.",
+    ]
+    verdicts = []
+    for setting in settings:
+        lines += ["", f"## Setting `{setting}`", ""]
+        over = (grid.meta.get("settings_doc") or {}).get(setting)
+        if over:
+            lines += [str(over).strip(), ""]
+        lines += [
+            "| objective | seeds | before | final | best | AUC acc | AUC reward | collapses | |π−μ| | TR frac | s/run |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        finals = {}
+        for objective in objectives:
+            cell = cells.get((setting, objective), {"per_run": [], "n": 0, "missing": 0})
+            rows = cell["per_run"]
+
+            def col(key, pct=True, rows=rows):
+                return _fmt(*_mean_sd([r[key] for r in rows]), pct=pct)
+
+            seeds = f"{cell['n']}" + (f" (+{cell['missing']} missing)" if cell["missing"] else "")
+            collapses = int(sum(r["collapsed"] for r in rows))
+            seconds = statistics.fmean(r["seconds"] for r in rows) if rows else float("nan")
+            lines.append(
+                f"| {objective} | {seeds} | {col('before')} | {col('final')} | {col('best')} | "
+                f"{col('auc_accuracy')} | {col('auc_reward')} | {collapses}/{cell['n']} | "
+                f"{col('abs_prob_diff', pct=False)} | {col('trust_frac')} | {seconds:.0f} |"
+            )
+            finals[objective] = [r["final"] for r in rows]
+        verdicts.append((setting, _verdict(finals, cells, setting)))
+    lines += ["", "## Verdict", ""]
+    for setting, text in verdicts:
+        lines.append(f"- **{setting}**: {text}")
+    lines += ["", "## Plots", ""]
+    lines += [f"![{p}]({p})" for p in plots]
+    path = out / "stability.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _verdict(finals: dict[str, list[float]], cells, setting: str) -> str:
+    """Plain words: which objective ended highest, and whether the seeds separate DRPO from the best other."""
+    stats = {k: _mean_sd(v) for k, v in finals.items() if v}
+    if not stats:
+        return "no finished runs."
+    ranked = sorted(stats, key=lambda k: stats[k][0], reverse=True)
+    drpo = [k for k in ranked if k.lower().startswith("drpo")]
+    if not drpo:
+        return f"best final accuracy: {ranked[0]} ({stats[ranked[0]][0] * 100:.1f}%); no DRPO run in this grid."
+    best_drpo = drpo[0]
+    others = [k for k in ranked if not k.lower().startswith("drpo")]
+    if not others:
+        return f"only DRPO variants ran; best {best_drpo} ({stats[best_drpo][0] * 100:.1f}%)."
+    rival = others[0]
+    (m1, s1), (m2, s2) = stats[best_drpo], stats[rival]
+    n1, n2 = len(finals[best_drpo]), len(finals[rival])
+    se = math.sqrt(s1**2 / max(n1, 1) + s2**2 / max(n2, 1))
+    diff = m1 - m2
+    lead = "ahead of" if diff > 0 else "behind"
+    if se == 0:
+        confidence = "the seeds agree exactly"
+    elif abs(diff) > 2 * se:
+        confidence = f"the gap is {abs(diff) / se:.1f} standard errors, larger than seed noise"
+    else:
+        confidence = (f"the gap is only {abs(diff) / se:.1f} standard errors with {min(n1, n2)} seeds: "
+                      "not distinguishable from seed noise")
+    collapses = {k: int(sum(r["collapsed"] for r in cells[(setting, k)]["per_run"])) for k in stats}
+    worst = [k for k, c in collapses.items() if c]
+    collapse_text = (f" Collapses: {', '.join(f'{k} {collapses[k]}' for k in worst)}." if worst
+                     else " No run collapsed.")
+    return (f"best DRPO ({best_drpo}, final {m1 * 100:.1f}%) is {lead} the best non-DRPO objective "
+            f"({rival}, {m2 * 100:.1f}%) by {abs(diff) * 100:.1f} points; {confidence}.{collapse_text}")

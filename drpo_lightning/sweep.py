@@ -1,0 +1,289 @@
+"""``drpo sweep``: run a grid of ``drpo fit`` configs x seeds, resumably, and collect each run's metrics.
+
+::
+
+    drpo sweep run    --grid configs/study/stability.yaml          # runs what is not finished yet
+    drpo sweep status --grid configs/study/stability.yaml          # what is done, failed, pending
+    drpo sweep report --grid configs/study/stability.yaml --out docs/results
+
+A grid file names a base config and the axes to cross. Every run gets a complete, self-contained config
+written to ``<out_dir>/<setting>/<objective>/seed<k>/config.yaml`` (the base with the overrides applied), so
+``drpo fit --config`` on that file alone reproduces the run. Overrides are dotted keys into the YAML::
+
+    base: ../quickstart.yaml           # relative to the grid file
+    out_dir: runs/stability            # relative to the working directory
+    seeds: [0, 1, 2]
+    jobs: 2                            # runs at a time (each gets cpu_count // jobs threads)
+    overrides: {trainer.max_steps: 60} # applied to every run
+    settings:                          # how the run is made off-policy
+      stale: {model.num_minibatches: 4, model.rollout.init_args.precision: bf16}
+    objectives:
+      drpo_0.2: {model.objective: {class_path: drpo, init_args: {delta: 0.2}}}
+
+A run is finished when its ``result.json`` exists; ``run`` skips finished runs, so an interrupted sweep picks
+up where it stopped (a run cut off half-way starts again from scratch: its folder is cleared). A failed run
+writes ``failed.json`` with the exit code and the tail of its log and does not stop the others; the next
+``run`` tries it again.
+
+``result.json`` holds the held-out accuracy before training and every logged metric as ``[step, value]``
+pairs; :mod:`drpo_lightning.study` turns a finished sweep into the stability report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from drpo_lightning.errors import ConfigError
+
+__all__ = ["Grid", "Run", "load_grid", "main", "run_grid", "read_result"]
+
+BEFORE_RE = re.compile(r"held-out accuracy before training \(mean@\d+\): ([0-9.]+)")
+
+
+@dataclass
+class Run:
+    """One cell of the grid: a setting, an objective and a seed."""
+
+    setting: str
+    objective: str
+    seed: int
+    config: dict[str, Any]
+    folder: Path
+
+    @property
+    def name(self) -> str:
+        return f"{self.setting}/{self.objective}/seed{self.seed}"
+
+    @property
+    def result_path(self) -> Path:
+        return self.folder / "result.json"
+
+    @property
+    def failed_path(self) -> Path:
+        return self.folder / "failed.json"
+
+    def state(self) -> str:
+        if self.result_path.is_file():
+            return "done"
+        return "failed" if self.failed_path.is_file() else "pending"
+
+
+@dataclass
+class Grid:
+    """A parsed grid file: the cross product of settings x objectives x seeds."""
+
+    path: Path
+    out_dir: Path
+    runs: list[Run]
+    jobs: int = 1
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def set_dotted(config: dict[str, Any], key: str, value: Any) -> None:
+    """``set_dotted(cfg, "model.rollout.init_args.precision", "bf16")``: create the path as needed.
+
+    A plugin given by name (``objective: drpo``) becomes ``{class_path: drpo}`` when an ``init_args`` key is
+    set below it, so short and long forms mix.
+    """
+    parts = key.split(".")
+    node = config
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if isinstance(child, str) and parts[i + 1] == "init_args":
+            child = node[part] = {"class_path": child}
+        elif not isinstance(child, dict):
+            if child is not None:
+                raise ConfigError(f"sweep override {key!r}: {'.'.join(parts[: i + 1])} is {child!r}, not a mapping")
+            child = node[part] = {}
+        node = child
+    node[parts[-1]] = copy.deepcopy(value)
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a mapping of names to overrides, got {type(value).__name__}")
+    return value
+
+
+def load_grid(path: str | os.PathLike, out_dir: str | None = None) -> Grid:
+    """Read a grid file and expand it into runs (nothing is started)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--grid: {path} does not exist")
+    spec = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(spec, dict) or "base" not in spec:
+        raise ConfigError(f"{path}: a grid file needs a 'base' config (path relative to the grid file)")
+    base_path = (path.parent / spec["base"]).resolve()
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: base config {spec['base']!r} not found at {base_path}")
+    base = yaml.safe_load(base_path.read_text()) or {}
+    seeds = spec.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise ConfigError(f"{path}: seeds must be a non-empty list of integers, got {seeds!r}")
+    settings = _mapping(spec.get("settings"), f"{path}: settings") or {"default": {}}
+    objectives = _mapping(spec.get("objectives"), f"{path}: objectives") or {"default": {}}
+    overrides = _mapping(spec.get("overrides"), f"{path}: overrides")
+    root = Path(out_dir or spec.get("out_dir") or "runs/sweep")
+    runs = []
+    for setting, setting_over in settings.items():
+        for objective, objective_over in objectives.items():
+            for seed in seeds:
+                folder = root / setting / objective / f"seed{seed}"
+                config = copy.deepcopy(base)
+                for layer in (overrides, _mapping(setting_over, f"settings.{setting}"),
+                              _mapping(objective_over, f"objectives.{objective}")):
+                    for key, value in layer.items():
+                        set_dotted(config, key, value)
+                _localise(config, folder, seed)
+                runs.append(Run(setting, objective, seed, config, folder))
+    return Grid(path=path, out_dir=root, runs=runs, jobs=int(spec.get("jobs", 1)),
+                meta={k: v for k, v in spec.items() if k not in ("settings", "objectives")})
+
+
+def _localise(config: dict[str, Any], folder: Path, seed: int) -> None:
+    """Point every output of the run into its own folder and set its seed."""
+    config["seed_everything"] = seed
+    data = config.setdefault("data", {})
+    if isinstance(data, dict) and "seed" in data:
+        data["seed"] = seed
+    trainer = config.setdefault("trainer", {})
+    trainer["default_root_dir"] = str(folder)
+    trainer["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                         "init_args": {"save_dir": str(folder), "name": "logs", "version": 0}}
+    trainer["enable_progress_bar"] = False
+    model = config.setdefault("model", {})
+    model["export_dir"] = ""  # a sweep keeps metrics, not models; checkpoints still go to the run folder
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def read_metrics(csv_path: Path) -> dict[str, list[list[float]]]:
+    """``metrics.csv`` of a CSVLogger as ``{metric: [[step, value], ...]}`` (empty cells skipped)."""
+    series: dict[str, list[list[float]]] = {}
+    with csv_path.open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            step = row.get("step")
+            if step in (None, ""):
+                continue
+            for key, value in row.items():
+                if key in ("step", "epoch") or value in (None, ""):
+                    continue
+                number = float(value)
+                if math.isfinite(number):
+                    series.setdefault(key, []).append([int(float(step)), number])
+    return series
+
+
+def read_result(run: Run) -> dict[str, Any]:
+    return json.loads(run.result_path.read_text())
+
+
+def execute(run: Run, threads: int, command: Sequence[str] | None = None) -> str:
+    """Run one grid cell to completion in a subprocess; returns ``done`` or ``failed``."""
+    if run.folder.exists():
+        shutil.rmtree(run.folder)  # a run cut off half-way starts again: partial metrics are not results
+    run.folder.mkdir(parents=True)
+    config_path = run.folder / "config.yaml"
+    config_path.write_text(yaml.safe_dump(run.config, sort_keys=False))
+    argv = list(command or [sys.executable, "-m", "drpo_lightning.cli"]) + ["fit", "--config", str(config_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    log_path = run.folder / "log.txt"
+    start = time.perf_counter()
+    with log_path.open("w") as log:
+        rc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env, check=False).returncode
+    seconds = time.perf_counter() - start
+    metrics_csv = run.folder / "logs" / "version_0" / "metrics.csv"
+    if rc != 0 or not metrics_csv.is_file():
+        run.failed_path.write_text(json.dumps(
+            {"returncode": rc, "seconds": round(seconds, 1), "log_tail": _tail(log_path)}, indent=1))
+        return "failed"
+    before = BEFORE_RE.search(log_path.read_text(errors="replace"))
+    result = {
+        "name": run.name, "setting": run.setting, "objective": run.objective, "seed": run.seed,
+        "seconds": round(seconds, 1),
+        "val_accuracy_before": float(before.group(1)) if before else None,
+        "metrics": read_metrics(metrics_csv),
+    }
+    tmp = run.result_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, run.result_path)  # result.json appears whole or not at all: it is the "done" marker
+    run.failed_path.unlink(missing_ok=True)
+    return "done"
+
+
+def run_grid(grid: Grid, jobs: int | None = None, only: str | None = None,
+             command: Sequence[str] | None = None, echo=print) -> dict[str, int]:
+    """Run every unfinished run of the grid, ``jobs`` at a time; returns counts by outcome."""
+    jobs = max(1, jobs or grid.jobs)
+    todo = [r for r in grid.runs if r.state() != "done" and (only is None or re.search(only, r.name))]
+    counts = {"skipped": sum(r.state() == "done" for r in grid.runs), "done": 0, "failed": 0}
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    echo(f"sweep: {len(grid.runs)} runs, {counts['skipped']} finished, {len(todo)} to run "
+         f"({jobs} at a time, {threads} thread(s) each) -> {grid.out_dir}")
+
+    def one(run: Run) -> str:
+        start = time.perf_counter()
+        outcome = execute(run, threads, command)
+        echo(f"sweep: {outcome:<6} {run.name} ({time.perf_counter() - start:.0f} s)")
+        return outcome
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for outcome in pool.map(one, todo):
+            counts[outcome] += 1
+    echo(f"sweep: {counts['done']} done, {counts['failed']} failed, {counts['skipped']} already finished")
+    return counts
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="drpo sweep", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="action", required=True)
+    for action, help_ in (("run", "run the unfinished runs"), ("status", "list runs and their state"),
+                          ("report", "write the stability report of a finished sweep")):
+        p = sub.add_parser(action, help=help_)
+        p.add_argument("--grid", required=True, help="grid YAML file")
+        p.add_argument("--out-dir", default=None, help="override the grid's out_dir")
+        if action == "run":
+            p.add_argument("--jobs", type=int, default=None, help="runs at a time (default: the grid's jobs)")
+            p.add_argument("--only", default=None, help="regular expression on run names to restrict to")
+        if action == "report":
+            p.add_argument("--out", default="docs/results", help="folder for the report and its plots")
+            p.add_argument("--command", default=None, help="the command line to print at the report's top")
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    grid = load_grid(args.grid, args.out_dir)
+    if args.action == "status":
+        for run in grid.runs:
+            print(f"{run.state():<8} {run.name}")
+        return 0
+    if args.action == "run":
+        counts = run_grid(grid, jobs=args.jobs, only=args.only)
+        return 1 if counts["failed"] else 0
+    from drpo_lightning.study import write_report
+
+    path = write_report(grid, Path(args.out), command=args.command)
+    print(f"sweep: report written to {path}")
+    return 0

@@ -1,0 +1,142 @@
+"""`drpo sweep`: a 2-run x 2-step grid through the real `drpo fit`, resumability, failures, and the report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from drpo_lightning.errors import ConfigError
+from drpo_lightning.study import run_summary, trust_region_series
+from drpo_lightning.sweep import load_grid, main, run_grid, set_dotted
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_grid(tmp_path: Path, **extra) -> Path:
+    spec = {
+        "base": str(ROOT / "configs" / "quickstart.yaml"),
+        "out_dir": str(tmp_path / "out"),
+        "seeds": [0],
+        "jobs": 2,
+        "overrides": {
+            "trainer.max_steps": 2, "trainer.val_check_interval": 2, "trainer.callbacks": [],
+            "data.task_size": 64, "data.val_size": 8, "data.batch_size": 4, "data.val_batch_size": 8,
+        },
+        "settings": {"bf16": {"model.rollout.init_args.precision": "bf16"}},
+        "objectives": {
+            "drpo": {"model.objective.init_args.delta": 0.3},
+            "ppo": {"model.objective": "ppo"},
+        },
+        **extra,
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_set_dotted_creates_paths_and_expands_a_plugin_name():
+    cfg = {"model": {"objective": "drpo"}}
+    set_dotted(cfg, "model.objective.init_args.delta", 0.2)
+    set_dotted(cfg, "trainer.max_steps", 5)
+    assert cfg == {"model": {"objective": {"class_path": "drpo", "init_args": {"delta": 0.2}}},
+                   "trainer": {"max_steps": 5}}
+    with pytest.raises(ConfigError, match="trainer.max_steps is 5, not a mapping"):
+        set_dotted(cfg, "trainer.max_steps.x", 1)
+
+
+def test_grid_expands_settings_objectives_seeds_with_own_folders(tmp_path):
+    grid = load_grid(write_grid(tmp_path, seeds=[3, 4]))
+    assert [r.name for r in grid.runs] == ["bf16/drpo/seed3", "bf16/drpo/seed4", "bf16/ppo/seed3",
+                                           "bf16/ppo/seed4"]
+    run = grid.runs[1]
+    assert run.config["seed_everything"] == 4 and run.config["data"]["seed"] == 4
+    assert run.config["model"]["rollout"]["init_args"]["precision"] == "bf16"
+    assert run.config["model"]["objective"] == {"class_path": "drpo", "init_args": {"delta": 0.3}}
+    assert grid.runs[2].config["model"]["objective"] == "ppo"
+    assert run.config["trainer"]["logger"]["init_args"]["save_dir"] == str(run.folder)
+    assert len({str(r.folder) for r in grid.runs}) == 4
+
+
+def test_bad_grid_files_are_one_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_grid(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seeds: [0]\n")
+    with pytest.raises(ConfigError, match="needs a 'base' config"):
+        load_grid(bad)
+    bad.write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="base config 'missing.yaml' not found"):
+        load_grid(bad)
+    with pytest.raises(ConfigError, match="seeds must be a non-empty list"):
+        load_grid(write_grid(tmp_path, seeds=[]))
+
+
+def test_two_run_two_step_grid_runs_resumes_and_reports(tmp_path):
+    grid_path = write_grid(tmp_path)
+    grid = load_grid(grid_path)
+    messages: list[str] = []
+    counts = run_grid(grid, echo=messages.append)
+    assert counts == {"skipped": 0, "done": 2, "failed": 0}, "\n".join(messages)
+    for run in grid.runs:
+        result = json.loads(run.result_path.read_text())
+        assert result["name"] == run.name
+        assert 0.0 <= result["val_accuracy_before"] <= 1.0
+        assert [s for s, _ in result["metrics"]["reward"]] == [0, 1]  # one row per rollout step
+        assert result["metrics"]["val/accuracy"], "the held-out evaluation is collected"
+        # the run's config alone reproduces it
+        assert yaml.safe_load((run.folder / "config.yaml").read_text()) == run.config
+    drpo, ppo = (json.loads(r.result_path.read_text())["metrics"] for r in grid.runs)
+    assert "drpo/corrective_frac" in drpo and "ppo/clip_frac_low" in ppo
+
+    # Finished runs are skipped; a failed marker is retried; a deleted result is rerun.
+    again = run_grid(load_grid(grid_path), echo=messages.append)
+    assert again == {"skipped": 2, "done": 0, "failed": 0}
+
+    out = tmp_path / "report"
+    assert main(["report", "--grid", str(grid_path), "--out", str(out)]) == 0
+    report = (out / "stability.md").read_text()
+    assert "| drpo | 1 |" in report and "| ppo | 1 |" in report
+    assert "## Verdict" in report and "drpo sweep run --grid" in report
+    for png in ("stability_accuracy.png", "stability_trust_frac.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_failing_run_is_recorded_and_does_not_stop_the_others(tmp_path):
+    grid_path = write_grid(tmp_path, objectives={"broken": {"model.objective": "no_such_objective"},
+                                                 "ok": {"model.objective": "ppo"}})
+    grid = load_grid(grid_path)
+    counts = run_grid(grid, jobs=1, echo=lambda _: None)
+    assert counts == {"skipped": 0, "done": 1, "failed": 1}
+    broken = grid.runs[0]
+    assert broken.state() == "failed"
+    failure = json.loads(broken.failed_path.read_text())
+    assert failure["returncode"] == 2 and "no_such_objective" in failure["log_tail"]
+    assert main(["status", "--grid", str(grid_path)]) == 0
+
+
+def test_run_summary_definitions():
+    result = {
+        "val_accuracy_before": 0.2,
+        "seconds": 10,
+        "metrics": {
+            "val/accuracy": [[10, 0.6], [20, 0.25], [30, 0.35]],
+            "reward": [[0, 0.1], [1, 0.3]],
+            "train/abs_prob_diff": [[0, 0.01], [1, 0.03]],
+            "ppo/clip_frac_low": [[0, 0.1], [1, 0.2]],
+            "ppo/clip_frac_high": [[0, 0.05], [1, 0.0]],
+        },
+    }
+    s = run_summary(result)
+    assert s["before"] == 0.2 and s["best"] == 0.6
+    assert s["final"] == pytest.approx(0.30)  # mean of the last two evaluations
+    assert s["auc_accuracy"] == pytest.approx((0.2 + 0.6 + 0.25 + 0.35) / 4)
+    assert s["auc_reward"] == pytest.approx(0.2)
+    assert s["collapsed"] == 1.0  # 0.25 < 0.6 / 2 after the best
+    assert s["abs_prob_diff"] == pytest.approx(0.02)
+    assert trust_region_series(result["metrics"]) == [[0, pytest.approx(0.15)], [1, pytest.approx(0.2)]]
+    assert s["trust_frac"] == pytest.approx(0.175)
+    result["metrics"]["val/accuracy"][1][1] = 0.31
+    assert run_summary(result)["collapsed"] == 0.0
