@@ -2,7 +2,8 @@
 
 Nothing here touches the network: the tokenizer is built in memory with the ``tokenizers`` library and the
 models are built from a config with random weights. The quickstart policy (a ~1M-parameter Llama warmed up
-on ``a+b=`` until it has *some* skill, see ``scripts/pretrain_quickstart.py``) ships inside the package at
+on ``a+b=`` until it knows the answers, then blurred by noisy answers so that it samples them right only about
+a third of the time; see ``scripts/pretrain_quickstart.py``) ships inside the package at
 :data:`QUICKSTART_POLICY`.
 
 Conventions shared with the arithmetic task:

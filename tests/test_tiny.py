@@ -132,12 +132,14 @@ def test_quickstart_policy_loads_offline_and_has_some_skill():
     sampled, well_formed = _accuracy(model, tok, pairs, do_sample=True)
     greedy, _ = _accuracy(model, tok, pairs, do_sample=False)
     print(f"held-out (200): sampled {sampled:.3f} greedy {greedy:.3f} well-formed {well_formed:.3f}")
-    # Measured (torch 2.13 CPU, transformers 5.24): sampled 0.285, greedy 0.405, well-formed 0.975
-    # (full 500-pair held-out set: greedy 0.384, sampled 0.23-0.28 over seeds; pretrain_info.json: 0.252).
-    assert 0.05 <= sampled <= 0.6
-    assert 0.05 <= greedy <= 0.8
-    assert well_formed >= 0.8  # digits then EOS: the format is learnt, the arithmetic only partly
+    # Measured (torch 2.13 CPU, transformers 5.24): sampled 0.400, greedy 0.930, well-formed 1.000 (full
+    # 500-pair held-out set in pretrain_info.json: greedy 0.940, sampled 0.370). The skill is there (greedy)
+    # but sampling at T=1 is right only about a third of the time: the room RL has to sharpen it.
+    assert 0.2 <= sampled <= 0.6
+    assert greedy >= 0.8
+    assert greedy - sampled >= 0.25
+    assert well_formed >= 0.9  # digits then EOS
 
     info = json.loads((QUICKSTART_POLICY / "pretrain_info.json").read_text())
-    assert info["reached_target"] and 0.15 <= info["sampled_acc"] <= 0.4
+    assert info["recipe"] == "noisy-teacher" and 0.2 <= info["sampled_acc"] <= 0.5 and info["greedy_acc"] >= 0.85
     assert abs(sampled - info["sampled_acc"]) < 0.15  # 200 samples: std ~0.03, plus sampling-seed spread
