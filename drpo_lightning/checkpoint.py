@@ -33,6 +33,7 @@ import contextlib
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +179,15 @@ class RLCheckpoint(ModelCheckpoint):
             trainer.strategy.barrier("drpo-checkpoint-remove")
             return
         super()._remove_checkpoint(trainer, filepath)
+
+    # -- manual optimisation ----------------------------------------------------------------------------
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # Lightning warns (with a 15-line example) that under manual optimisation the checkpoint holds the
+        # state *after* the step's updates. For RL that is the state a resume must continue from (step N's
+        # updates done, step N+1 next), so the warning is only noise in every quickstart terminal.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     # -- SIGTERM ----------------------------------------------------------------------------------------
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
