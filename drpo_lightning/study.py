@@ -151,7 +151,8 @@ def _plot(cells, settings: list[str], objectives: list[str], out: Path) -> list[
             ax.set_title(f"{setting}: {title}", fontsize=9)
             ax.set_xlabel("rollout step")
             ax.grid(alpha=0.3)
-        axes[0][-1].legend(fontsize=8, loc="best")
+        if axes[0][-1].get_legend_handles_labels()[0]:
+            axes[0][-1].legend(fontsize=8, loc="best")
         fig.tight_layout()
         name = f"stability_{key}.png"
         fig.savefig(out / name, dpi=110)
@@ -178,8 +179,8 @@ def write_report(grid: Grid, out: Path, command: str | None = None) -> Path:
         command,
         "```",
         "",
-        f"Grid: `{grid.path}` (base config `{meta.get('base')}`, seeds {meta.get('seeds')}, "
-        f"overrides `{meta.get('overrides')}`).",
+        f"Grid: `{grid.path}` (base config `{meta.get('base')}`, seeds {meta.get('seeds')}; every run: "
+        + ", ".join(f"`{k}={v}`" for k, v in (meta.get("overrides") or {}).items()) + ").",
     ]
     if meta.get("description"):
         lines += ["", str(meta["description"]).strip()]
@@ -195,14 +196,11 @@ def write_report(grid: Grid, out: Path, command: str | None = None) -> Path:
     verdicts = []
     for setting in settings:
         lines += ["", f"## Setting `{setting}`", ""]
-        over = (grid.meta.get("settings_doc") or {}).get(setting)
-        if over:
-            lines += [str(over).strip(), ""]
         lines += [
-            "| objective | seeds | before | final | best | AUC acc | AUC reward | collapses | |π−μ| | TR frac | s/run |",
+            "| objective | seeds | before | final | best | AUC acc | AUC reward | collapses | \\|π−μ\\| | TR frac | s/run |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
-        finals = {}
+        per_seed: dict[str, dict[int, dict[str, float]]] = {}
         for objective in objectives:
             cell = cells.get((setting, objective), {"per_run": [], "n": 0, "missing": 0})
             rows = cell["per_run"]
@@ -212,14 +210,15 @@ def write_report(grid: Grid, out: Path, command: str | None = None) -> Path:
 
             seeds = f"{cell['n']}" + (f" (+{cell['missing']} missing)" if cell["missing"] else "")
             collapses = int(sum(r["collapsed"] for r in rows))
-            seconds = statistics.fmean(r["seconds"] for r in rows) if rows else float("nan")
+            seconds = f"{statistics.fmean(r['seconds'] for r in rows):.0f}" if rows else "n/a"
             lines.append(
                 f"| {objective} | {seeds} | {col('before')} | {col('final')} | {col('best')} | "
                 f"{col('auc_accuracy')} | {col('auc_reward')} | {collapses}/{cell['n']} | "
-                f"{col('abs_prob_diff', pct=False)} | {col('trust_frac')} | {seconds:.0f} |"
+                f"{col('abs_prob_diff', pct=False)} | {col('trust_frac')} | {seconds} |"
             )
-            finals[objective] = [r["final"] for r in rows]
-        verdicts.append((setting, _verdict(finals, cells, setting)))
+            seeds_done = [r["seed"] for r in cell["runs"]]
+            per_seed[objective] = dict(zip(seeds_done, rows))
+        verdicts.append((setting, _verdict(per_seed)))
     lines += ["", "## Verdict", ""]
     for setting, text in verdicts:
         lines.append(f"- **{setting}**: {text}")
@@ -230,35 +229,42 @@ def write_report(grid: Grid, out: Path, command: str | None = None) -> Path:
     return path
 
 
-def _verdict(finals: dict[str, list[float]], cells, setting: str) -> str:
-    """Plain words: which objective ended highest, and whether the seeds separate DRPO from the best other."""
-    stats = {k: _mean_sd(v) for k, v in finals.items() if v}
-    if not stats:
+def _paired(a: dict[int, dict[str, float]], b: dict[int, dict[str, float]], key: str) -> tuple[float, float, int]:
+    """Mean and standard error of ``a - b`` over the seeds both have (same seed = same data order and
+    the same starting evaluation, so the pairing removes most of the seed-to-seed spread)."""
+    diffs = [a[s][key] - b[s][key] for s in sorted(set(a) & set(b))]
+    if not diffs:
+        return float("nan"), float("nan"), 0
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
+    return statistics.fmean(diffs), se, len(diffs)
+
+
+def _verdict(per_seed: dict[str, dict[int, dict[str, float]]]) -> str:
+    """Plain words: the best DRPO variant against the best other objective, by final and AUC accuracy,
+    compared seed by seed, and whether the gap is larger than the seeds' noise (2 standard errors)."""
+    means = {k: statistics.fmean(r["final"] for r in v.values()) for k, v in per_seed.items() if v}
+    if not means:
         return "no finished runs."
-    ranked = sorted(stats, key=lambda k: stats[k][0], reverse=True)
+    ranked = sorted(means, key=means.__getitem__, reverse=True)
     drpo = [k for k in ranked if k.lower().startswith("drpo")]
-    if not drpo:
-        return f"best final accuracy: {ranked[0]} ({stats[ranked[0]][0] * 100:.1f}%); no DRPO run in this grid."
-    best_drpo = drpo[0]
     others = [k for k in ranked if not k.lower().startswith("drpo")]
-    if not others:
-        return f"only DRPO variants ran; best {best_drpo} ({stats[best_drpo][0] * 100:.1f}%)."
-    rival = others[0]
-    (m1, s1), (m2, s2) = stats[best_drpo], stats[rival]
-    n1, n2 = len(finals[best_drpo]), len(finals[rival])
-    se = math.sqrt(s1**2 / max(n1, 1) + s2**2 / max(n2, 1))
-    diff = m1 - m2
-    lead = "ahead of" if diff > 0 else "behind"
-    if se == 0:
-        confidence = "the seeds agree exactly"
-    elif abs(diff) > 2 * se:
-        confidence = f"the gap is {abs(diff) / se:.1f} standard errors, larger than seed noise"
-    else:
-        confidence = (f"the gap is only {abs(diff) / se:.1f} standard errors with {min(n1, n2)} seeds: "
-                      "not distinguishable from seed noise")
-    collapses = {k: int(sum(r["collapsed"] for r in cells[(setting, k)]["per_run"])) for k in stats}
-    worst = [k for k, c in collapses.items() if c]
-    collapse_text = (f" Collapses: {', '.join(f'{k} {collapses[k]}' for k in worst)}." if worst
-                     else " No run collapsed.")
-    return (f"best DRPO ({best_drpo}, final {m1 * 100:.1f}%) is {lead} the best non-DRPO objective "
-            f"({rival}, {m2 * 100:.1f}%) by {abs(diff) * 100:.1f} points; {confidence}.{collapse_text}")
+    if not drpo or not others:
+        return f"best final accuracy: {ranked[0]} ({means[ranked[0]] * 100:.1f}%); nothing to compare it with."
+    best, rival = drpo[0], others[0]
+    parts = [f"best DRPO variant **{best}** (final {means[best] * 100:.1f}%) vs best other **{rival}** "
+             f"(final {means[rival] * 100:.1f}%); overall ranking by final accuracy: {', '.join(ranked)}."]
+    for key, label in (("final", "final accuracy"), ("auc_accuracy", "AUC accuracy")):
+        diff, se, n = _paired(per_seed[best], per_seed[rival], key)
+        if math.isnan(diff):
+            continue
+        if math.isnan(se) or se == 0:
+            verdict = f"{n} paired seed(s): too few to judge"
+        elif abs(diff) > 2 * se:
+            verdict = f"{abs(diff) / se:.1f} standard errors over {n} paired seeds: larger than seed noise"
+        else:
+            verdict = f"{abs(diff) / se:.1f} standard errors over {n} paired seeds: within seed noise"
+        parts.append(f"{label}: {best} {'+' if diff >= 0 else '−'}{abs(diff) * 100:.1f} points ({verdict}).")
+    collapses = {k: int(sum(r["collapsed"] for r in v.values())) for k, v in per_seed.items()}
+    worst = [f"{k} {c}/{len(per_seed[k])}" for k, c in collapses.items() if c]
+    parts.append(f"Collapses: {', '.join(worst)}." if worst else "No run collapsed.")
+    return " ".join(parts)
