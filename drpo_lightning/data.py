@@ -533,6 +533,11 @@ class PromptDataModule(LightningDataModule):
                 "set exactly one of data.path (a prompt file or dataset folder) and data.task (a built-in task), "
                 f"got data.path={path!r} and data.task={task!r}"
             )
+        required = {"batch_size": batch_size, "val_batch_size": val_batch_size, "val_fraction": val_fraction,
+                    "task_size": task_size, "val_size": val_size, "num_workers": num_workers, "seed": seed}
+        for name, value in required.items():
+            if value is None:  # a YAML `key: null` reaches here for a non-optional number
+                raise DataError(f"data.{name} must be a number, got null")
         checks = [
             (batch_size >= 1, f"data.batch_size must be >= 1, got {batch_size}"),
             (val_batch_size >= 1, f"data.val_batch_size must be >= 1, got {val_batch_size}"),

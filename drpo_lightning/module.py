@@ -171,7 +171,7 @@ class RLModule(pl.LightningModule):
         positive_ints = ("num_generations", "ppo_epochs", "num_minibatches", "val_num_samples",
                          "logprob_chunk_size", "max_consecutive_skips")
         for key in positive_ints:
-            if int(h[key]) < 1:
+            if h[key] is None or int(h[key]) < 1:
                 raise ConfigError(f"model.{key} must be >= 1, got {h[key]}")
         if h.micro_batch_size is not None and h.micro_batch_size < 1:
             raise ConfigError(f"model.micro_batch_size must be >= 1 or null, got {h.micro_batch_size}")
@@ -181,7 +181,7 @@ class RLModule(pl.LightningModule):
             raise ConfigError("model.tis_cap corrects pi_old/mu and needs model.anchor: recompute")
         if h.tis_cap is not None and h.tis_cap <= 0:
             raise ConfigError(f"model.tis_cap must be > 0, got {h.tis_cap}")
-        if h.kl_beta < 0:
+        if h.kl_beta is None or h.kl_beta < 0:
             raise ConfigError(f"model.kl_beta must be >= 0, got {h.kl_beta}")
         if h.kl_estimator not in KL_ESTIMATORS:
             raise ConfigError(f"model.kl_estimator must be one of {KL_ESTIMATORS}, got {h.kl_estimator!r}")
@@ -194,10 +194,26 @@ class RLModule(pl.LightningModule):
             )
         if h.reward_on_error not in ("raise", "fallback"):
             raise ConfigError(f"model.reward_on_error must be 'raise' or 'fallback', got {h.reward_on_error!r}")
-        if h.model_name_or_path != "quickstart" and not Path(h.model_name_or_path).is_dir():
+        if h.reward_timeout is not None and not h.reward_timeout > 0:
+            raise ConfigError(f"model.reward_timeout must be > 0 seconds or null, got {h.reward_timeout}")
+        if h.reward_fallback is None or not math.isfinite(h.reward_fallback):
+            raise ConfigError(f"model.reward_fallback must be a finite number, got {h.reward_fallback}")
+        if h.val_success_threshold is None:
+            raise ConfigError("model.val_success_threshold must be a number, got null")
+        if not isinstance(h.trust_remote_code, bool):
+            raise ConfigError(f"model.trust_remote_code must be true or false, got {h.trust_remote_code!r}")
+        if self.optimizer_factory is None:
+            raise ConfigError("model.optimizer must name an optimizer (e.g. class_path: torch.optim.AdamW), got null")
+        path = h.model_name_or_path
+        if path != "quickstart" and (path is None or not str(path).strip() or not Path(path).is_dir()):
             raise ConfigError(
-                f"model.model_name_or_path: {h.model_name_or_path!r} is not a local folder (nothing is "
+                f"model.model_name_or_path: {path!r} is not a local folder (nothing is "
                 "downloaded; save the model with save_pretrained and give its path)"
+            )
+        if path != "quickstart" and not any((Path(path) / f).is_file() for f in ("config.json", "adapter_config.json")):
+            raise ConfigError(
+                f"model.model_name_or_path: {path!r} holds no config.json: not a model folder written by "
+                "save_pretrained"
             )
         check_adapter_packages(h.quantization, h.lora)  # quant extra installed; quantization needs lora
         if h.merge_adapters_on_export and h.lora is None:
