@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from drpo_lightning.tiny import build_char_tokenizer, build_tiny_model
 
@@ -16,3 +17,13 @@ def tiny_model_dir(tmp_path_factory) -> str:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The models here are tiny: a second intra-op thread buys nothing, and on a busy 2-core machine its
+    spin-waiting made single in-process fits 10x slower. Restored after each test (other folders keep theirs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

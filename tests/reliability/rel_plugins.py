@@ -36,6 +36,24 @@ class NaNAtSample(RewardFunction):
         return [float("nan") if i == self.index else 0.5 for i in range(len(completions))]
 
 
+class BadScoreAtSample(RewardFunction):
+    """0.5 for every completion except ``index``, which gets ``value`` (inf, -inf, None, a string...)."""
+
+    def __init__(self, value: object = None, index: int = 1) -> None:
+        self.value = value
+        self.index = index
+
+    def __call__(self, *, prompts, completions, **columns):
+        return [self.value if i == self.index else 0.5 for i in range(len(completions))]
+
+
+class WrongLengthReward(RewardFunction):
+    """One score too few: a grader that silently dropped a sample."""
+
+    def __call__(self, *, prompts, completions, **columns):
+        return [1.0] * (len(completions) - 1)
+
+
 class FlakyReward(RewardFunction):
     """Fails differently on each call, cycling through ``SCHEDULE``; records how many scores it failed."""
 
@@ -92,8 +110,13 @@ class PoisonedDRPO(DRPO):
 
 
 class ShiftedRollout(HFRollout):
-    """HF sampling whose reported behaviour log-probs are off by +-``gap`` nats (alternating rows): an engine
-    that disagrees wildly with the training forward."""
+    """HF sampling whose reported behaviour log-probs are off by ``gap`` nats on some rows: an engine that
+    disagrees wildly with the training forward.
+
+    Of every 4 rows, row 1 reports ``y = z - gap`` (ratio ``e^gap``), row 3 ``y = z + gap`` (ratio ``e^-gap``;
+    then ``mu = e^y`` is not even a probability, the worst an engine can report) and rows 0 and 2 are left
+    alone, so an update still has honest tokens to learn from.
+    """
 
     def __init__(self, gap: float = 50.0, max_new_tokens: int = 3) -> None:
         super().__init__(max_new_tokens=max_new_tokens)
@@ -102,6 +125,6 @@ class ShiftedRollout(HFRollout):
     def generate(self, *args, **kwargs):
         batch = super().generate(*args, **kwargs)
         rows = batch.behavior_logprobs.shape[0]
-        sign = torch.tensor([1.0 if i % 2 else -1.0 for i in range(rows)], device=batch.behavior_logprobs.device)
+        sign = torch.tensor([(0.0, -1.0, 0.0, 1.0)[i % 4] for i in range(rows)], device=batch.behavior_logprobs.device)
         shifted = (batch.behavior_logprobs + sign[:, None] * self.gap) * batch.completion_mask
         return batch._replace(behavior_logprobs=shifted)

@@ -35,6 +35,10 @@ def bad_files(tmp_path_factory):
     (d / "latin1.jsonl").write_bytes(good.encode() + '{"prompt": "café", "answer": "2"}\n'.encode("latin-1"))
     (d / "one_row.jsonl").write_text(good)
     (d / "wrong_type.yaml").write_text(yaml.safe_dump({"data": {"batch_size": "many"}}))
+    (d / "null_numbers.yaml").write_text("data:\n  batch_size: null\n")
+    (d / "null_model_number.yaml").write_text("model:\n  num_generations: null\n")
+    (d / "broken.yaml").write_text("model:\n  rewards: [exact_match\n")
+    (d / "trainer_null.yaml").write_text("trainer: null\n")
     return d
 
 
@@ -68,6 +72,17 @@ SCENARIOS = [
     ("fewer-prompts-than-batch", ["--data.task=null", "--data.path={d}/one_row.jsonl", "--data.val_fraction=0"],
      ["only 1 training prompts, fewer than data.batch_size=2"]),
     ("non-utf8", ["--data.task=null", "--data.path={d}/latin1.jsonl"], ["latin1.jsonl:2: not valid UTF-8"]),
+    ("unknown-key", ["--model.num_generatoins=2"], ["unrecognized arguments: --model.num_generatoins=2"]),
+    ("missing-config-file", ["--config", "{d}/nope.yaml"], ["config: ", "File does not exist", "nope.yaml"]),
+    ("yaml-syntax-error", ["--config", "{d}/broken.yaml"], ["Problems parsing config: "]),
+    ("null-number-yaml", ["--config", "{d}/null_numbers.yaml"], ["data.batch_size must be a number, got null"]),
+    ("null-model-number-yaml", ["--config", "{d}/null_model_number.yaml"], ["model.num_generations must be >= 1, got None"]),
+    ("zero-batch", ["--data.batch_size=0"], ["data.batch_size must be >= 1, got 0"]),
+    ("zero-group", ["--model.num_generations=0"], ["model.num_generations must be >= 1, got 0"]),
+    ("bad-reward-timeout", ["--model.reward_timeout=0"], ["model.reward_timeout must be > 0 seconds or null, got 0.0"]),
+    ("empty-model-path", ["--model.model_name_or_path="], ["model.model_name_or_path: ", "is not a local folder"]),
+    ("model-folder-without-config", ["--model.model_name_or_path={d}"], ["model.model_name_or_path: ",
+                                                                         "holds no config.json"]),
 ]
 
 
@@ -99,3 +114,24 @@ def test_debug_shows_the_traceback_in_a_real_process(bad_files):
     assert "Traceback (most recent call last)" in proc.stderr
     assert "DataError" in proc.stderr and "latin1.jsonl:2: not valid UTF-8" in proc.stderr
     assert not error_lines(proc.stderr)
+
+
+# Known gaps: mistakes in the trainer section and the top-level keys that Lightning itself rejects (ValueError,
+# MisconfigurationException, TypeError) still end in a traceback, and a YAML syntax error's one line names
+# neither the file nor the line. Turning them into one line belongs to drpo_lightning/cli.py; these tests flip to
+# XPASS (and fail, being strict) once it does, so the table in docs/reliability.md gets updated.
+KNOWN_GAPS = [
+    ("accelerator-typo", ["--trainer.accelerator=gpuu"], ["trainer.accelerator", "gpuu"]),
+    ("devices-zero", ["--trainer.devices=0"], ["trainer.devices"]),
+    ("strategy-typo", ["--trainer.strategy=ddpp"], ["trainer.strategy", "ddpp"]),
+    ("seed-out-of-range", ["--seed_everything=-1"], ["seed_everything", "-1"]),
+    ("trainer-null", ["--config", "{d}/trainer_null.yaml"], ["trainer"]),
+    ("yaml-error-names-file-and-line", ["--config", "{d}/broken.yaml"], ["broken.yaml", "line 2"]),
+]
+
+
+@pytest.mark.xfail(strict=True, reason="known gap (docs/reliability.md): cli.py does not condense these yet")
+@pytest.mark.parametrize(("extra", "fragments"), [pytest.param(e, f, id=i) for i, e, f in KNOWN_GAPS])
+def test_known_gap_trainer_and_yaml_errors_are_one_line(extra, fragments, bad_files, tmp_path, capsys):
+    code = main(tiny_fit_args(tmp_path, *(a.format(d=bad_files) for a in extra)))
+    assert_one_line_error(code, capsys.readouterr().err, *fragments)

@@ -14,7 +14,14 @@ import pytest
 import torch
 import yaml
 from rel_helpers import StepRecorder, assert_one_line_error, tiny_data, tiny_fit_args, tiny_trainer
-from rel_plugins import RELEASE_HANGS, ExplodingReward, FlakyReward, NaNAtSample
+from rel_plugins import (
+    RELEASE_HANGS,
+    BadScoreAtSample,
+    ExplodingReward,
+    FlakyReward,
+    NaNAtSample,
+    WrongLengthReward,
+)
 
 from drpo_lightning.cli import main
 from drpo_lightning.module import RLModule
@@ -42,6 +49,13 @@ def module(model_dir: str, reward, **kwargs) -> RLModule:
         pytest.param(ExplodingReward(), ["'ExplodingReward' raised KeyError: 'grader lost its answer key' (all 4 "
                                          "completions; first: "], id="raises"),
         pytest.param(FlakyReward(start=2), ["'FlakyReward' timed out after 0.5 s", "(all 4 completions"], id="hangs"),
+        pytest.param(BadScoreAtSample(float("inf"), index=2),
+                     ["'BadScoreAtSample' returned inf (not a finite number) at sample 2 (completion "], id="inf"),
+        pytest.param(BadScoreAtSample(None, index=0),
+                     ["'BadScoreAtSample' returned None (not a finite number) at sample 0 (completion "], id="none"),
+        pytest.param(BadScoreAtSample("0.5", index=3),
+                     ["'BadScoreAtSample' returned '0.5' (not a finite number) at sample 3"], id="string"),
+        pytest.param(WrongLengthReward(), ["'WrongLengthReward' returned 3 scores for 4 completions"], id="wrong-length"),
     ],
 )
 def test_raise_policy_stops_with_one_line_naming_plugin_and_sample(reward, fragments, tiny_model_dir, tmp_path):
