@@ -15,6 +15,7 @@ into one folder. Definitions, stated again in the report itself:
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from pathlib import Path
@@ -191,7 +192,10 @@ def write_report(grid: Grid, out: Path, command: str | None = None) -> Path:
         "all steps; *collapse* = after its best evaluation a run falls below half of that best; "
         "*|π−μ|* = mean absolute probability shift of the sampled tokens from the behaviour policy; "
         "*TR frac* = tokens DRPO corrected (w < 0), DPPO masked, or PPO clipped. "
-        "Values are mean ± standard deviation over seeds, in percent except |π−μ|.",
+        "Values are mean ± standard deviation over seeds, in percent except |π−μ|. *s/run* = wall seconds of "
+        "one run as it happened (runs shared the CPU with each other and with other jobs): not a speed "
+        "comparison. A seed fixes the prompt order and the data of every objective alike, so objectives are "
+        "compared seed by seed (paired t-test, two-sided, 95%).",
     ]
     verdicts = []
     for setting in settings:
@@ -219,14 +223,22 @@ def write_report(grid: Grid, out: Path, command: str | None = None) -> Path:
             seeds_done = [r["seed"] for r in cell["runs"]]
             per_seed[objective] = dict(zip(seeds_done, rows))
         verdicts.append((setting, _verdict(per_seed)))
+        lines += ["", *_paired_table(per_seed)]
     lines += ["", "## Verdict", ""]
     for setting, text in verdicts:
         lines.append(f"- **{setting}**: {text}")
+    raw = out / "stability_runs.json"
+    raw.write_text(json.dumps({r["name"]: r for cell in cells.values() for r in cell["runs"]}))
     lines += ["", "## Plots", ""]
     lines += [f"![{p}]({p})" for p in plots]
+    lines += ["", f"Every run's metrics, step by step, as collected by the sweep: [`{raw.name}`]({raw.name})."]
     path = out / "stability.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+# Two-sided 95% critical values of Student's t for 1..10 degrees of freedom (beyond: 2.2 is conservative).
+_T95 = (12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23)
 
 
 def _paired(a: dict[int, dict[str, float]], b: dict[int, dict[str, float]], key: str) -> tuple[float, float, int]:
@@ -237,6 +249,35 @@ def _paired(a: dict[int, dict[str, float]], b: dict[int, dict[str, float]], key:
         return float("nan"), float("nan"), 0
     se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
     return statistics.fmean(diffs), se, len(diffs)
+
+
+def paired_test(diff: float, se: float, n: int) -> tuple[float, bool]:
+    """Paired t statistic and whether it clears the two-sided 95% level for ``n - 1`` degrees of freedom."""
+    if n < 2 or math.isnan(se):
+        return float("nan"), False
+    if se == 0:
+        return (math.inf if diff else 0.0), diff != 0
+    t = diff / se
+    return t, abs(t) > _T95[min(n - 1, len(_T95)) - 1]
+
+
+def _paired_table(per_seed: dict[str, dict[int, dict[str, float]]]) -> list[str]:
+    """Each DRPO variant minus each other objective, seed by seed: no best-of-N selection involved."""
+    drpo = [k for k in per_seed if k.lower().startswith("drpo") and per_seed[k]]
+    others = [k for k in per_seed if not k.lower().startswith("drpo") and per_seed[k]]
+    if not drpo or not others:
+        return []
+    rows = ["Paired differences (DRPO variant − other, same seeds; points of accuracy; * = significant at 95%, "
+            "paired t-test):", "", "| DRPO variant | vs | Δ final | t | Δ AUC acc | t |", "|---|---|---|---|---|---|"]
+    for d in drpo:
+        for o in others:
+            cells = []
+            for key in ("final", "auc_accuracy"):
+                diff, se, n = _paired(per_seed[d], per_seed[o], key)
+                t, significant = paired_test(diff, se, n)
+                cells += [f"{diff * 100:+.1f}{' *' if significant else ''}", f"{t:.2f}"]
+            rows.append(f"| {d} | {o} | {' | '.join(cells)} |")
+    return rows
 
 
 def _verdict(per_seed: dict[str, dict[int, dict[str, float]]]) -> str:
@@ -253,17 +294,30 @@ def _verdict(per_seed: dict[str, dict[int, dict[str, float]]]) -> str:
     best, rival = drpo[0], others[0]
     parts = [f"best DRPO variant **{best}** (final {means[best] * 100:.1f}%) vs best other **{rival}** "
              f"(final {means[rival] * 100:.1f}%); overall ranking by final accuracy: {', '.join(ranked)}."]
+    outcome = []
     for key, label in (("final", "final accuracy"), ("auc_accuracy", "AUC accuracy")):
         diff, se, n = _paired(per_seed[best], per_seed[rival], key)
         if math.isnan(diff):
             continue
-        if math.isnan(se) or se == 0:
+        t, significant = paired_test(diff, se, n)
+        if math.isnan(t):
             verdict = f"{n} paired seed(s): too few to judge"
-        elif abs(diff) > 2 * se:
-            verdict = f"{abs(diff) / se:.1f} standard errors over {n} paired seeds: larger than seed noise"
         else:
-            verdict = f"{abs(diff) / se:.1f} standard errors over {n} paired seeds: within seed noise"
+            verdict = (f"paired t = {t:.2f} over {n} seeds: "
+                       + ("significant at 95%" if significant else "not significant at 95%, within seed noise"))
+        outcome.append((label, diff, significant))
         parts.append(f"{label}: {best} {'+' if diff >= 0 else '−'}{abs(diff) * 100:.1f} points ({verdict}).")
+    headline = []
+    for label, diff, significant in outcome:
+        points = f"{abs(diff) * 100:.1f} points"
+        if significant:
+            headline.append(f"DRPO came out {'ahead' if diff > 0 else 'behind'} on {label} by {points}")
+        elif diff <= 0:
+            headline.append(f"DRPO did not come out ahead on {label} (it trailed by {points}, within seed noise)")
+        else:
+            headline.append(f"DRPO led on {label} by {points}, but within seed noise")
+    if headline:
+        parts.insert(0, f"**{'; '.join(headline)}.**")
     collapses = {k: int(sum(r["collapsed"] for r in v.values())) for k, v in per_seed.items()}
     worst = [f"{k} {c}/{len(per_seed[k])}" for k, c in collapses.items() if c]
     parts.append(f"Collapses: {', '.join(worst)}." if worst else "No run collapsed.")

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from drpo_lightning.errors import ConfigError
-from drpo_lightning.study import run_summary, trust_region_series
+from drpo_lightning.study import _paired_table, _verdict, paired_test, run_summary, trust_region_series
 from drpo_lightning.sweep import load_grid, main, run_grid, set_dotted
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,3 +140,23 @@ def test_run_summary_definitions():
     assert s["trust_frac"] == pytest.approx(0.175)
     result["metrics"]["val/accuracy"][1][1] = 0.31
     assert run_summary(result)["collapsed"] == 0.0
+
+
+def test_paired_t_test_and_verdict_wording():
+    # diffs +0.10, +0.12, +0.08: mean 0.10, sd 0.02, se 0.02/sqrt(3) -> t = 8.66 > 4.30 (2 df)
+    t, significant = paired_test(0.10, 0.02 / 3**0.5, 3)
+    assert t == pytest.approx(8.660254) and significant
+    assert paired_test(0.10, 0.05, 3) == (pytest.approx(2.0), False)
+    assert paired_test(0.10, float("nan"), 1)[1] is False
+
+    def runs(finals):
+        return {seed: {"final": f, "auc_accuracy": f, "collapsed": 0.0} for seed, f in enumerate(finals)}
+
+    per_seed = {"drpo_0.2": runs([0.60, 0.62, 0.58]), "ppo": runs([0.50, 0.50, 0.50])}
+    text = _verdict(per_seed)
+    assert text.startswith("**DRPO came out ahead on final accuracy by 10.0 points")
+    assert "No run collapsed." in text
+    per_seed["ppo"] = runs([0.70, 0.50, 0.66])  # diffs -0.10, +0.12, -0.08: noisy
+    assert "DRPO did not come out ahead on final accuracy (it trailed by 2.0 points, within seed noise)" in _verdict(per_seed)
+    table = _paired_table(per_seed)
+    assert table[-1].startswith("| drpo_0.2 | ppo | -2.0 | ")
