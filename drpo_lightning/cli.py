@@ -58,7 +58,10 @@ def install_plugin_names() -> None:
 
 
 def _lightning_cli():
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.cli import LightningCLI
+
+    from drpo_lightning.errors import ConfigError
 
     class DRPOCLI(LightningCLI):
         """LightningCLI with plugin names, defaults for RL runs, and short error messages."""
@@ -68,7 +71,36 @@ def _lightning_cli():
             parser.link_arguments("data.chat_template", "model.chat_template")
             parser.link_arguments("data.system_prompt", "model.system_prompt")
 
+        def _set_seed(self) -> None:
+            try:
+                super()._set_seed()
+            except ValueError as err:  # Lightning's seed_everything refuses seeds outside numpy's range
+                raise ConfigError(f"seed_everything: {err}") from err
+
+        def instantiate_trainer(self, **kwargs):
+            # Lightning validates the Trainer's arguments only here, after the model is built: turn its
+            # refusals (an unknown accelerator or strategy, devices=0, ...) into one line naming the key.
+            if self._get(self.config_init, "trainer", default={}) is None:
+                raise ConfigError("trainer: is null; give a mapping of Trainer arguments or leave the key out")
+            try:
+                return super().instantiate_trainer(**kwargs)
+            except (ValueError, MisconfigurationException) as err:
+                raise ConfigError(_trainer_error(err)) from err
+
     return DRPOCLI
+
+
+def _trainer_error(err: BaseException) -> str:
+    """``trainer.<key>: <Lightning's message>`` for the first Trainer argument the message names."""
+    import inspect
+    import re
+
+    from lightning.pytorch import Trainer
+
+    message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    names = set(inspect.signature(Trainer.__init__).parameters)
+    key = next((m for m in re.findall(r"(\w+)=", message) if m in names), None)
+    return f"trainer.{key}: {message}" if key else f"trainer: {message}"
 
 
 def _plugins_command(argv: Sequence[str]) -> int:
@@ -183,15 +215,45 @@ OPTIONAL_PACKAGES = {"bitsandbytes": "quant", "peft": "quant"}
 """Import roots of optional dependencies -> the drpo-lightning extra that installs them."""
 
 
-def _check_optional_imports(argv: Sequence[str]) -> None:
-    """A class path into an optional package that is not installed (``model.optimizer: {class_path:
-    bitsandbytes.optim.AdamW8bit}``) fails here with one line naming the key and the extra, instead of
-    jsonargparse's usage text. Reads the ``--config`` files and ``--key=value`` / ``--key value`` arguments."""
-    import contextlib
+def _config_files(argv: Sequence[str]) -> list[tuple[str, object]]:
+    """The ``--config`` files of ``argv`` with their parsed YAML, in order. A YAML syntax error is one line
+    naming the file, line and column (jsonargparse would report it without the file)."""
     from pathlib import Path
 
     import yaml
 
+    from drpo_lightning.errors import ConfigError
+
+    args = list(argv)
+    found = []
+    for i, arg in enumerate(args):
+        key, has_value, value = arg.partition("=")
+        if key not in ("--config", "-c"):
+            continue
+        if not has_value:
+            value = args[i + 1] if i + 1 < len(args) else ""
+        path = Path(value)
+        if not path.is_file():
+            continue  # jsonargparse reports a missing file with its own one-line message
+        try:
+            found.append((value, yaml.safe_load(path.read_text())))
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            context, start = getattr(err, "context", None), getattr(err, "context_mark", None)
+            if context and start is not None:  # e.g. an unclosed [ : where it was opened
+                problem += f" ({context} started at line {start.line + 1}, column {start.column + 1})"
+            raise ConfigError(f"--config {value}: YAML syntax error{at}: {problem}") from err
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"--config {value}: cannot be read: {err}") from err
+    return found
+
+
+def _check_optional_imports(argv: Sequence[str]) -> None:
+    """A class path into an optional package that is not installed (``model.optimizer: {class_path:
+    bitsandbytes.optim.AdamW8bit}``) fails here with one line naming the key and the extra, instead of
+    jsonargparse's usage text. Reads the ``--config`` files and ``--key=value`` / ``--key value`` arguments."""
     from drpo_lightning.errors import ConfigError
     from drpo_lightning.models import package_available
 
@@ -207,6 +269,7 @@ def _check_optional_imports(argv: Sequence[str]) -> None:
         elif isinstance(value, str):
             found[key] = value
 
+    configs = dict(_config_files(argv))
     args = list(argv)
     for i, arg in enumerate(args):
         if not arg.startswith("--"):
@@ -214,9 +277,8 @@ def _check_optional_imports(argv: Sequence[str]) -> None:
         key, has_value, value = arg[2:].partition("=")
         if not has_value and i + 1 < len(args):
             value = args[i + 1]
-        if key == "config" and Path(value).is_file():
-            with contextlib.suppress(yaml.YAMLError, OSError):
-                walk("", yaml.safe_load(Path(value).read_text()))
+        if key == "config":
+            walk("", configs.get(value))
         else:
             found[key.removesuffix(".class_path")] = value
     for key, value in found.items():

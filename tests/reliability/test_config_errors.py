@@ -74,7 +74,9 @@ SCENARIOS = [
     ("non-utf8", ["--data.task=null", "--data.path={d}/latin1.jsonl"], ["latin1.jsonl:2: not valid UTF-8"]),
     ("unknown-key", ["--model.num_generatoins=2"], ["unrecognized arguments: --model.num_generatoins=2"]),
     ("missing-config-file", ["--config", "{d}/nope.yaml"], ["config: ", "File does not exist", "nope.yaml"]),
-    ("yaml-syntax-error", ["--config", "{d}/broken.yaml"], ["Problems parsing config: "]),
+    ("yaml-syntax-error", ["--config", "{d}/broken.yaml"],
+     ["--config ", "broken.yaml: YAML syntax error at line 3, column 1: expected ',' or ']'",
+      "flow sequence started at line 2, column 12"]),
     ("null-number-yaml", ["--config", "{d}/null_numbers.yaml"], ["data.batch_size must be a number, got null"]),
     ("null-model-number-yaml", ["--config", "{d}/null_model_number.yaml"], ["model.num_generations must be >= 1, got None"]),
     ("zero-batch", ["--data.batch_size=0"], ["data.batch_size must be >= 1, got 0"]),
@@ -116,22 +118,20 @@ def test_debug_shows_the_traceback_in_a_real_process(bad_files):
     assert not error_lines(proc.stderr)
 
 
-# Known gaps: mistakes in the trainer section and the top-level keys that Lightning itself rejects (ValueError,
-# MisconfigurationException, TypeError) still end in a traceback, and a YAML syntax error's one line names
-# neither the file nor the line. Turning them into one line belongs to drpo_lightning/cli.py; these tests flip to
-# XPASS (and fail, being strict) once it does, so the table in docs/reliability.md gets updated.
-KNOWN_GAPS = [
-    ("accelerator-typo", ["--trainer.accelerator=gpuu"], ["trainer.accelerator", "gpuu"]),
-    ("devices-zero", ["--trainer.devices=0"], ["trainer.devices"]),
-    ("strategy-typo", ["--trainer.strategy=ddpp"], ["trainer.strategy", "ddpp"]),
-    ("seed-out-of-range", ["--seed_everything=-1"], ["seed_everything", "-1"]),
-    ("trainer-null", ["--config", "{d}/trainer_null.yaml"], ["trainer"]),
-    ("yaml-error-names-file-and-line", ["--config", "{d}/broken.yaml"], ["broken.yaml", "line 2"]),
+# Mistakes in the trainer section and top-level keys, which Lightning itself rejects only when it builds the
+# Trainer (ValueError, MisconfigurationException) or seeds the run: one line naming the key.
+TRAINER_SCENARIOS = [
+    ("accelerator-typo", ["--trainer.accelerator=gpuu"],
+     ["trainer.accelerator: You selected an invalid accelerator name: `accelerator='gpuu'`"]),
+    ("devices-zero", ["--trainer.devices=0"], ["trainer.devices: `Trainer(devices='0')` value is not a valid input"]),
+    ("strategy-typo", ["--trainer.strategy=ddpp"],
+     ["trainer.strategy: You selected an invalid strategy name: `strategy='ddpp'`"]),
+    ("seed-out-of-range", ["--seed_everything=-1"], ["seed_everything: -1 is not in bounds"]),
+    ("trainer-null", ["--config", "{d}/trainer_null.yaml"], ["trainer: is null; give a mapping of Trainer arguments"]),
 ]
 
 
-@pytest.mark.xfail(strict=True, reason="known gap (docs/reliability.md): cli.py does not condense these yet")
-@pytest.mark.parametrize(("extra", "fragments"), [pytest.param(e, f, id=i) for i, e, f in KNOWN_GAPS])
-def test_known_gap_trainer_and_yaml_errors_are_one_line(extra, fragments, bad_files, tmp_path, capsys):
+@pytest.mark.parametrize(("extra", "fragments"), [pytest.param(e, f, id=i) for i, e, f in TRAINER_SCENARIOS])
+def test_trainer_and_seed_errors_are_one_line_naming_the_key(extra, fragments, bad_files, tmp_path, capsys):
     code = main(tiny_fit_args(tmp_path, *(a.format(d=bad_files) for a in extra)))
     assert_one_line_error(code, capsys.readouterr().err, *fragments)
