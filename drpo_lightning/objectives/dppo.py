@@ -124,7 +124,7 @@ class DPPO(Objective):
             n = mask.sum().clamp(min=1)
             metrics = {
                 "dppo/masked_frac": (masked * mask).sum() / n,
-                "dppo/divergence_mean": (div * mask).sum() / n,
+                "dppo/divergence_mean": torch.where(mask > 0, div, 0.0).sum() / n,  # padding may be NaN
             }
         return coef * ratio, metrics
 

@@ -100,6 +100,7 @@ class DRPO(Objective):
         # "distance moved in the advantage's direction" gives w = 1 - moved / delta in a few passes.
         # In-place ops: on CPU, fresh [B, T] buffers (page faults) cost more than the arithmetic.
         moved = logprobs.exp().sub_(mu).mul_(torch.sign(advantages))  # [B, T]
+        moved.masked_fill_(mask == 0, 0.0)  # padding may hold any anchor (NaN, inf): keep it out of the dot
         beyond = (moved > self.delta).to(mask.dtype)  # [B, T] exactly the tokens with w < 0
         flat_mask = mask.reshape(-1)
         n = flat_mask.sum()

@@ -87,6 +87,13 @@ def test_garbage_on_padded_positions_changes_neither_loss_nor_gradient(name, bat
     assert dirty_loss == clean_loss
     assert torch.equal(dirty_grad, clean_grad)
     assert (dirty_grad[pad] == 0).all()
+    # ... and none of it leaks into the metrics either (objective-specific and shared ones)
+    clean = objective(logprobs=z, old_logprobs=y, advantages=adv, mask=mask).metrics
+    dirty = objective(logprobs=dirty_z, old_logprobs=dirty_y, advantages=adv, mask=mask).metrics
+    assert clean.keys() == dirty.keys()
+    for key in clean:
+        assert torch.isfinite(dirty[key]), key
+        torch.testing.assert_close(dirty[key], clean[key], rtol=1e-12, atol=1e-12, msg=key)
 
 
 @FUZZ
