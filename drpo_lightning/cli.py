@@ -318,6 +318,12 @@ def _user_error_message(err: BaseException) -> str | None:
     for e in chain:
         if isinstance(e, (UserError, PluginError, RewardError)):
             return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    # torch.load(weights_only=True) refused a checkpoint that pickles more than tensors and plain containers.
+    for e in chain:
+        # (matched by name: this package imports no pickle module, see tests/reliability/test_security.py)
+        if type(e).__name__ == "UnpicklingError" and "Weights only load failed" in str(e):
+            return ("ckpt_path: the checkpoint holds pickled Python objects, which weights-only loading refuses "
+                    "(nothing in it was run); resume only from checkpoints written by drpo fit")
     # transformers refuses a model folder with custom code (config.json auto_map) unless it is trusted.
     for e in chain:
         found = re.search(r"The repository (.+?) contains custom code which must be executed", str(e))

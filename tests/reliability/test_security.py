@@ -85,13 +85,17 @@ def test_model_folder_with_custom_code_is_refused_and_its_code_never_runs(tiny_m
 # ------------------------------------------------------------------------------------------------ checkpoints
 
 
-def test_resume_refuses_a_checkpoint_with_pickled_objects_and_runs_none_of_it(tmp_path):
+def test_resume_refuses_a_checkpoint_with_pickled_objects_and_runs_none_of_it(tmp_path, capsys):
     marker = tmp_path / "PICKLE_RAN"
     evil = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "global_step": 1, "payload": Payload(marker)}, evil)
     # The default resume (`drpo fit --ckpt_path FILE`, no --weights_only) loads weights-only.
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
-        main(tiny_fit_args(tmp_path, f"--ckpt_path={evil}"))
+    code = main(tiny_fit_args(tmp_path, f"--ckpt_path={evil}"))
+    assert_one_line_error(code, capsys.readouterr().err, "ckpt_path: the checkpoint holds pickled Python objects",
+                          "nothing in it was run")
+    assert not marker.exists()
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):  # --debug: the original error
+        main(tiny_fit_args(tmp_path, f"--ckpt_path={evil}", "--debug"))
     assert not marker.exists()
     torch.load(evil, weights_only=False)  # the control: a full unpickle does run the payload
     assert marker.exists()
