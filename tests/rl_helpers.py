@@ -37,9 +37,10 @@ EOS_ID = 2
 PAD_ID = 0
 
 
-def make_tiny_model(path: str | os.PathLike[str], arch: str = "llama", seed: int = 0) -> str:
+def make_tiny_model(path: str | os.PathLike[str], arch: str = "llama", seed: int = 0, hidden_size: int = 32) -> str:
+    """A 2-layer character-tokenizer model saved like any local model folder; returns its path."""
     tokenizer = build_char_tokenizer()
-    model = build_tiny_model(arch, tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=seed)
+    model = build_tiny_model(arch, tokenizer, hidden_size=hidden_size, num_layers=2, num_heads=2, seed=seed)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
@@ -88,6 +89,13 @@ class DeterministicRollout(RolloutEngine):
             truncated=torch.zeros(B * G, dtype=torch.bool, device=prompt_ids.device),
             group_ids=torch.arange(B, device=prompt_ids.device).repeat_interleave(G),
         )
+
+
+class CountOnes(RewardFunction):
+    """Fraction of completion characters that are '1': varies from the first step, learnable in a few."""
+
+    def __call__(self, *, prompts, completions, **columns):
+        return [sum(c == "1" for c in text) / 4.0 for text in completions]
 
 
 class DigitReward(RewardFunction):

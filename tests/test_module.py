@@ -5,6 +5,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
+from rl_helpers import CountOnes
 
 from drpo_lightning.data import PromptDataModule
 from drpo_lightning.errors import ConfigError
@@ -12,26 +13,7 @@ from drpo_lightning.module import RLModule
 from drpo_lightning.objectives.dppo import DPPO
 from drpo_lightning.objectives.drpo import DRPO
 from drpo_lightning.objectives.ppo import PPO
-from drpo_lightning.rewards.base import RewardFunction
 from drpo_lightning.rollouts.hf import HFRollout
-from drpo_lightning.tiny import build_char_tokenizer, build_tiny_model
-
-
-class CountOnes(RewardFunction):
-    """Fraction of completion characters that are '1': learnable by any policy in a few steps."""
-
-    def __call__(self, *, prompts, completions, **columns):
-        return [sum(c == "1" for c in text) / 4.0 for text in completions]
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_policy")
-    tokenizer = build_char_tokenizer()
-    model = build_tiny_model("llama", tokenizer, hidden_size=32, num_layers=2, num_heads=2, seed=0)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 class RewardHistory(pl.Callback):

@@ -19,34 +19,22 @@ pytest.importorskip("bitsandbytes", reason="needs the quant extra: pip install '
 pytest.importorskip("peft", reason="needs the quant extra: pip install 'drpo-lightning[quant]'")
 
 import lightning.pytorch as pl  # noqa: E402
+from rl_helpers import CountOnes, make_tiny_model  # noqa: E402
 
 from drpo_lightning.cli import main  # noqa: E402
 from drpo_lightning.data import PromptDataModule  # noqa: E402
 from drpo_lightning.errors import ConfigError  # noqa: E402
 from drpo_lightning.models import LoRA, Quantization, export_policy  # noqa: E402
 from drpo_lightning.module import RLModule  # noqa: E402
-from drpo_lightning.rewards.base import RewardFunction  # noqa: E402
 from drpo_lightning.rollouts.hf import HFRollout  # noqa: E402
-from drpo_lightning.tiny import build_char_tokenizer, build_tiny_model  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-class CountOnes(RewardFunction):
-    """Fraction of completion characters that are '1': a reward that varies from the first step."""
-
-    def __call__(self, *, prompts, completions, **columns):
-        return [sum(c == "1" for c in text) / 4.0 for text in completions]
-
-
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_quant_policy")
-    tokenizer = build_char_tokenizer()
-    model = build_tiny_model("llama", tokenizer, hidden_size=64, num_layers=2, num_heads=2, seed=0)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    """64 wide rather than the suite's 32: the quantized tests were written and checked at this size."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_quant_policy"), hidden_size=64)
 
 
 def run_config(config: str, model_dir: str, out: Path, steps: int, *extra: str) -> int:
