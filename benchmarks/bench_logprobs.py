@@ -154,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--variants", default="naive,lean,from_logits", help="comma-separated subset")
+    p.add_argument("--json", default=None, help="also write the raw results to this file")
     p.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.chunk_size is None:
@@ -189,6 +190,19 @@ def main(argv: list[str] | None = None) -> None:
         )
     if not all(r["peak_reset"] for r in results.values()):
         print("note: /proc/self/clear_refs was refused; peaks are ru_maxrss lifetime peaks minus baseline")
+    goals = {}
+    if "lean" in results:
+        mem = results["lean"]["peak_bytes"] / naive["peak_bytes"]
+        sec = results["lean"]["seconds"] / naive["seconds"]
+        goals = {"lean_peak_vs_naive": (mem, mem <= 0.15), "lean_time_vs_naive": (sec, sec <= 1.3)}
+        print(f"lean / naive peak memory: {mem:.3f}x; goal <= 0.15x: {'MET' if mem <= 0.15 else 'NOT MET'}")
+        print(f"lean / naive time: {sec:.3f}x; goal <= 1.3x: {'MET' if sec <= 1.3 else 'NOT MET'}")
+        if args.smoke:
+            print("(smoke run: small sizes, the ratios say little about V=151,936, T=4,096)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": {k: v for k, v in vars(args).items() if k != "worker"}, "results": results,
+                       "goals": goals}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -646,14 +646,18 @@ def _rss_mib(field: str = "VmRSS") -> float:
 def worker(kind: str, w: Workload, model_dir: str, data_path: str, steps: int) -> dict[str, Any]:
     """Run one contender alone in this (fresh) process: its peak memory and its own step times."""
     torch.set_num_threads(w.threads)
+    # The baseline for "above imports" is taken after the libraries are really loaded. transformers and trl
+    # import lazily (``import trl`` alone loads almost nothing), so name what each contender uses.
+    import transformers.generation.utils  # noqa: F401  (all three load and sample the model through these)
+    import transformers.modeling_utils  # noqa: F401
+
     if kind == "drpo":
         import lightning.pytorch  # noqa: F401
 
         import drpo_lightning.module  # noqa: F401
     elif kind == "trl":
-        import trl  # noqa: F401
-    else:
-        import transformers  # noqa: F401
+        import datasets  # noqa: F401
+        from trl import GRPOConfig, GRPOTrainer  # noqa: F401
     after_imports = _rss_mib()
     torch.manual_seed(w.seed)
     runner = make_runner(kind, w, model_dir, data_path)
