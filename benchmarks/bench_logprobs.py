@@ -33,24 +33,9 @@ import subprocess
 import sys
 import time
 
+from proc_memory import reset_peak, rss_kib  # benchmarks/ is on sys.path when run as a script
+
 VARIANTS = ("naive", "lean", "from_logits")
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -107,8 +92,8 @@ def worker(args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats()
         reset = True
     else:
-        base = _rss_kib("VmRSS") * 1024
-        reset = _reset_peak()
+        base = rss_kib("VmRSS") * 1024
+        reset = reset_peak()
     times = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
@@ -119,7 +104,7 @@ def worker(args: argparse.Namespace) -> dict:
     if cuda:
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        hwm = _rss_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        hwm = rss_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         peak = hwm * 1024 - base
     return {
         "variant": args.variant,

@@ -51,27 +51,12 @@ import sys
 import tempfile
 import time
 
+from proc_memory import reset_peak, rss_kib  # benchmarks/ is on sys.path when run as a script
+
 CONFIGS = ("adamw_fp32", "adamw8bit", "int8_lora", "nf4_lora")
 LORA_RANK = 16
 GiB = 2**30
 MiB = 2**20
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _tensor_bytes(obj, seen: set[int]) -> int:
@@ -138,7 +123,7 @@ def worker(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    base = _rss_kib("VmRSS") * 1024
+    base = rss_kib("VmRSS") * 1024
 
     quant = lora = None
     kwargs: dict = {}
@@ -153,8 +138,8 @@ def worker(args: argparse.Namespace) -> dict:
     if quant is None:
         policy.to(device)  # quantized weights are already on the CUDA device when there is one
     load_seconds = time.perf_counter() - t0
-    load_peak = _rss_kib("VmHWM") * 1024 - base
-    resident = _rss_kib("VmRSS") * 1024 - base
+    load_peak = rss_kib("VmHWM") * 1024 - base
+    resident = rss_kib("VmRSS") * 1024 - base
     params = [p for p in policy.parameters() if p.requires_grad]
     if args.config == "adamw8bit":
         import bitsandbytes as bnb
@@ -166,7 +151,7 @@ def worker(args: argparse.Namespace) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         cuda_base = torch.cuda.memory_allocated()
-    reset = _reset_peak()
+    reset = reset_peak()
 
     vocab = policy.config.vocab_size if hasattr(policy, "config") else args.vocab
     ids = torch.randint(4, vocab, (args.batch, args.prompt + args.tokens), device=device)
@@ -189,7 +174,7 @@ def worker(args: argparse.Namespace) -> dict:
         times.append(time.perf_counter() - t)
         if step == 0:
             state_bytes = _tensor_bytes(list(optimizer.state.values()), set())
-    hwm = _rss_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    hwm = rss_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     weights = _model_bytes(policy)
     result = {
         "config": args.config,
