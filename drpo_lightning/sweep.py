@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import fcntl
 import json
 import math
 import os
@@ -80,7 +81,12 @@ class Run:
         return self.folder / "failed.json"
 
     def state(self) -> str:
+        """``done``, ``failed``, ``pending``, or ``stale``: finished, but with a config that is no longer the
+        grid's (the grid was edited after the run), so it is rerun and kept out of reports."""
         if self.result_path.is_file():
+            saved = self.folder / "config.yaml"
+            if not saved.is_file() or yaml.safe_load(saved.read_text()) != self.config:
+                return "stale"
             return "done"
         return "failed" if self.failed_path.is_file() else "pending"
 
@@ -137,11 +143,20 @@ def load_grid(path: str | os.PathLike, out_dir: str | None = None) -> Grid:
         raise ConfigError(f"{path}: base config {spec['base']!r} not found at {base_path}")
     base = yaml.safe_load(base_path.read_text()) or {}
     seeds = spec.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
-        raise ConfigError(f"{path}: seeds must be a non-empty list of integers, got {seeds!r}")
+    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
+        raise ConfigError(f"{path}: seeds must be a non-empty list of distinct integers >= 0, got {seeds!r}")
     settings = _mapping(spec.get("settings"), f"{path}: settings") or {"default": {}}
     objectives = _mapping(spec.get("objectives"), f"{path}: objectives") or {"default": {}}
     overrides = _mapping(spec.get("overrides"), f"{path}: overrides")
+    for kind, names in (("settings", settings), ("objectives", objectives)):
+        for name in names:
+            if not isinstance(name, str) or not re.fullmatch(r"[\w.+-]+", name) or name in (".", ".."):
+                raise ConfigError(f"{path}: {kind} name {name!r} must be a plain folder name (letters, digits, . _ + -)")
+    try:
+        jobs = int(spec.get("jobs", 1))
+    except (TypeError, ValueError):
+        raise ConfigError(f"{path}: jobs must be an integer, got {spec.get('jobs')!r}") from None
     root = Path(out_dir or spec.get("out_dir") or "runs/sweep")
     runs = []
     for setting, setting_over in settings.items():
@@ -155,7 +170,7 @@ def load_grid(path: str | os.PathLike, out_dir: str | None = None) -> Grid:
                         set_dotted(config, key, value)
                 _localise(config, folder, seed)
                 runs.append(Run(setting, objective, seed, config, folder))
-    return Grid(path=path, out_dir=root, runs=runs, jobs=int(spec.get("jobs", 1)),
+    return Grid(path=path, out_dir=root, runs=runs, jobs=jobs,
                 meta={k: v for k, v in spec.items() if k not in ("settings", "objectives")})
 
 
@@ -163,8 +178,8 @@ def _localise(config: dict[str, Any], folder: Path, seed: int) -> None:
     """Point every output of the run into its own folder and set its seed."""
     config["seed_everything"] = seed
     data = config.setdefault("data", {})
-    if isinstance(data, dict) and "seed" in data:
-        data["seed"] = seed
+    if isinstance(data, dict):
+        data["seed"] = seed  # the prompt order and split follow the seed too (the data module's default is 0)
     trainer = config.setdefault("trainer", {})
     trainer["default_root_dir"] = str(folder)
     trainer["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger",
@@ -202,6 +217,17 @@ def read_result(run: Run) -> dict[str, Any]:
     return json.loads(run.result_path.read_text())
 
 
+def _expected_rollouts(config: dict[str, Any]) -> int | None:
+    """Rollout steps a finished run has logged: ``trainer.max_steps`` counts optimizer updates, and each
+    rollout makes ``ppo_epochs * num_minibatches`` of them. None when the run is not bounded by max_steps."""
+    max_steps = (config.get("trainer") or {}).get("max_steps")
+    if not isinstance(max_steps, int) or max_steps <= 0:
+        return None
+    model = config.get("model") or {}
+    updates = int(model.get("ppo_epochs", 1)) * int(model.get("num_minibatches", 1))
+    return math.ceil(max_steps / updates)
+
+
 def execute(run: Run, threads: int, command: Sequence[str] | None = None) -> str:
     """Run one grid cell to completion in a subprocess; returns ``done`` or ``failed``."""
     if run.folder.exists():
@@ -221,12 +247,20 @@ def execute(run: Run, threads: int, command: Sequence[str] | None = None) -> str
         run.failed_path.write_text(json.dumps(
             {"returncode": rc, "seconds": round(seconds, 1), "log_tail": _tail(log_path)}, indent=1))
         return "failed"
+    metrics = read_metrics(metrics_csv)
+    expected, done = _expected_rollouts(run.config), len(metrics.get("reward", []))
+    if expected is not None and done != expected:
+        # `drpo fit` exits 0 after a SIGTERM (it saves and stops cleanly): a truncated run is not a result.
+        run.failed_path.write_text(json.dumps(
+            {"returncode": rc, "seconds": round(seconds, 1), "reason": f"stopped after {done} of {expected} rollouts",
+             "log_tail": _tail(log_path)}, indent=1))
+        return "failed"
     before = BEFORE_RE.search(log_path.read_text(errors="replace"))
     result = {
         "name": run.name, "setting": run.setting, "objective": run.objective, "seed": run.seed,
         "seconds": round(seconds, 1),
         "val_accuracy_before": float(before.group(1)) if before else None,
-        "metrics": read_metrics(metrics_csv),
+        "metrics": metrics,
     }
     tmp = run.result_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result))
@@ -239,10 +273,30 @@ def run_grid(grid: Grid, jobs: int | None = None, only: str | None = None,
              command: Sequence[str] | None = None, echo=print) -> dict[str, int]:
     """Run every unfinished run of the grid, ``jobs`` at a time; returns counts by outcome."""
     jobs = max(1, jobs or grid.jobs)
-    todo = [r for r in grid.runs if r.state() != "done" and (only is None or re.search(only, r.name))]
+    grid.out_dir.mkdir(parents=True, exist_ok=True)
+    lock = (grid.out_dir / ".sweep.lock").open("w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the process ends, however it ends
+    except BlockingIOError:
+        lock.close()
+        raise ConfigError(f"another `drpo sweep run` is writing to {grid.out_dir}; wait for it or stop it") from None
+    try:
+        return _run_locked(grid, jobs, only, command, echo)
+    finally:
+        lock.close()
+
+
+def _run_locked(grid: Grid, jobs: int, only: str | None, command, echo) -> dict[str, int]:
+    try:
+        pattern = re.compile(only) if only is not None else None
+    except re.error as err:
+        raise ConfigError(f"--only {only!r} is not a regular expression: {err}") from None
+    todo = [r for r in grid.runs if r.state() != "done" and (pattern is None or pattern.search(r.name))]
     counts = {"skipped": sum(r.state() == "done" for r in grid.runs), "done": 0, "failed": 0}
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    echo(f"sweep: {len(grid.runs)} runs, {counts['skipped']} finished, {len(todo)} to run "
+    stale = sum(r.state() == "stale" for r in todo)
+    threads = max(1, len(os.sched_getaffinity(0)) // jobs)
+    echo(f"sweep: {len(grid.runs)} runs, {counts['skipped']} finished, {len(todo)} to run"
+         + (f" ({stale} finished with an older config: rerun)" if stale else "") + " "
          f"({jobs} at a time, {threads} thread(s) each) -> {grid.out_dir}")
 
     def one(run: Run) -> str:

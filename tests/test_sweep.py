@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,8 +72,14 @@ def test_bad_grid_files_are_one_clear_error(tmp_path):
     bad.write_text("base: missing.yaml\n")
     with pytest.raises(ConfigError, match="base config 'missing.yaml' not found"):
         load_grid(bad)
-    with pytest.raises(ConfigError, match="seeds must be a non-empty list"):
-        load_grid(write_grid(tmp_path, seeds=[]))
+    for seeds in ([], [0, 0], [True], [-1]):
+        with pytest.raises(ConfigError, match="seeds must be a non-empty list of distinct integers >= 0"):
+            load_grid(write_grid(tmp_path, seeds=seeds))
+    for name in ("a/b", "..", ""):
+        with pytest.raises(ConfigError, match="must be a plain folder name"):
+            load_grid(write_grid(tmp_path, objectives={name: {}}))
+    with pytest.raises(ConfigError, match="jobs must be an integer"):
+        load_grid(write_grid(tmp_path, jobs="two"))
 
 
 def test_two_run_two_step_grid_runs_resumes_and_reports(tmp_path):
@@ -91,9 +99,11 @@ def test_two_run_two_step_grid_runs_resumes_and_reports(tmp_path):
     drpo, ppo = (json.loads(r.result_path.read_text())["metrics"] for r in grid.runs)
     assert "drpo/corrective_frac" in drpo and "ppo/clip_frac_low" in ppo
 
-    # Finished runs are skipped; a failed marker is retried; a deleted result is rerun.
+    # Finished runs are skipped; a deleted result is rerun.
     again = run_grid(load_grid(grid_path), echo=messages.append)
     assert again == {"skipped": 2, "done": 0, "failed": 0}
+    grid.runs[0].result_path.unlink()
+    assert run_grid(load_grid(grid_path), only="drpo", echo=messages.append) == {"skipped": 1, "done": 1, "failed": 0}
 
     out = tmp_path / "report"
     assert main(["report", "--grid", str(grid_path), "--out", str(out)]) == 0
@@ -115,6 +125,60 @@ def test_a_failing_run_is_recorded_and_does_not_stop_the_others(tmp_path):
     failure = json.loads(broken.failed_path.read_text())
     assert failure["returncode"] == 2 and "no_such_objective" in failure["log_tail"]
     assert main(["status", "--grid", str(grid_path)]) == 0
+    # the next run tries the failed one again (and only it)
+    assert run_grid(load_grid(grid_path), jobs=1, echo=lambda _: None) == {"skipped": 1, "done": 0, "failed": 1}
+
+
+FAKE_FIT = """
+import pathlib, sys
+folder = pathlib.Path(sys.argv[-1]).parent  # the run's config.yaml
+(folder / "logs" / "version_0").mkdir(parents=True)
+rows = int(sys.argv[1])
+(folder / "logs" / "version_0" / "metrics.csv").write_text("step,reward\\n" + "".join(f"{i},0.5\\n" for i in range(rows)))
+print("held-out accuracy before training (mean@1): 0.250")
+"""
+
+
+def fake_fit(rows: int) -> list[str]:
+    """A stand-in for `drpo fit` that exits 0 after logging ``rows`` rollout steps."""
+    return [sys.executable, "-c", FAKE_FIT, str(rows)]
+
+
+def test_a_run_stopped_early_with_exit_code_0_is_not_a_result(tmp_path):
+    # `drpo fit` exits 0 after SIGTERM (it saves and stops cleanly): 1 of the 2 rollouts is not a finished run.
+    grid = load_grid(write_grid(tmp_path, objectives={"ppo": {"model.objective": "ppo"}}))
+    assert run_grid(grid, command=fake_fit(1), echo=lambda _: None) == {"skipped": 0, "done": 0, "failed": 1}
+    assert json.loads(grid.runs[0].failed_path.read_text())["reason"] == "stopped after 1 of 2 rollouts"
+    assert run_grid(grid, command=fake_fit(2), echo=lambda _: None) == {"skipped": 0, "done": 1, "failed": 0}
+    result = json.loads(grid.runs[0].result_path.read_text())
+    assert result["val_accuracy_before"] == 0.25 and result["metrics"]["reward"] == [[0, 0.5], [1, 0.5]]
+
+
+def test_editing_the_grid_makes_finished_runs_stale_and_reruns_them(tmp_path):
+    path = write_grid(tmp_path, objectives={"ppo": {"model.objective": "ppo"}})
+    grid = load_grid(path)
+    assert run_grid(grid, command=fake_fit(2), echo=lambda _: None)["done"] == 1
+    assert grid.runs[0].state() == "done"
+    spec = yaml.safe_load(path.read_text())
+    spec["overrides"]["model.optimizer.init_args.lr"] = 3.0e-4
+    path.write_text(yaml.safe_dump(spec))
+    edited = load_grid(path)
+    assert edited.runs[0].state() == "stale"  # its result came from the old config: not reported, rerun
+    messages: list[str] = []
+    assert run_grid(edited, command=fake_fit(2), echo=messages.append)["done"] == 1
+    assert "finished with an older config: rerun" in messages[0]
+    assert edited.runs[0].state() == "done"
+
+
+def test_a_second_sweep_on_the_same_folder_is_refused(tmp_path):
+    grid = load_grid(write_grid(tmp_path))
+    grid.out_dir.mkdir(parents=True)
+    with (grid.out_dir / ".sweep.lock").open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ConfigError, match="another `drpo sweep run` is writing to"):
+            run_grid(grid, command=fake_fit(2), echo=lambda _: None)
+    with pytest.raises(ConfigError, match="--only '\\(' is not a regular expression"):
+        run_grid(grid, only="(", command=fake_fit(2), echo=lambda _: None)
 
 
 def test_run_summary_definitions():
