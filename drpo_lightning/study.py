@@ -43,8 +43,9 @@ def trust_region_series(metrics: dict[str, list[list[float]]]) -> list[list[floa
 
 
 def accuracy_curve(result: dict[str, Any]) -> list[list[float]]:
-    """``[[step, accuracy]]`` with the before-training evaluation at step 0."""
-    curve = [list(p) for p in result["metrics"].get("val/accuracy", [])]
+    """``[[rollouts done, accuracy]]`` with the before-training evaluation at 0. Lightning logs a validation
+    with the index of the batch it follows (9 after the tenth rollout): shifted by one to count rollouts."""
+    curve = [[step + 1, value] for step, value in result["metrics"].get("val/accuracy", [])]
     if result.get("val_accuracy_before") is not None:
         curve.insert(0, [0, result["val_accuracy_before"]])
     return curve
@@ -53,6 +54,8 @@ def accuracy_curve(result: dict[str, Any]) -> list[list[float]]:
 def run_summary(result: dict[str, Any]) -> dict[str, float]:
     """The per-run numbers of the table (see the module docstring for definitions)."""
     acc = _values(accuracy_curve(result))
+    after = _values(result["metrics"].get("val/accuracy", []))  # evaluations during training only
+    before = result.get("val_accuracy_before")
     rewards = _values(result["metrics"].get("reward", []))
     best_i = max(range(len(acc)), key=acc.__getitem__) if acc else 0
     collapsed = bool(acc) and acc[best_i] > 0 and min(acc[best_i:]) < 0.5 * acc[best_i]
@@ -60,8 +63,8 @@ def run_summary(result: dict[str, Any]) -> dict[str, float]:
     trust = _values(trust_region_series(result["metrics"]))
     nan = float("nan")
     return {
-        "before": acc[0] if acc else nan,
-        "final": statistics.fmean(acc[-2:]) if acc else nan,
+        "before": float(before) if before is not None else nan,
+        "final": statistics.fmean(after[-2:]) if after else nan,
         "best": acc[best_i] if acc else nan,
         "auc_accuracy": statistics.fmean(acc) if acc else nan,
         "auc_reward": statistics.fmean(rewards) if rewards else nan,
@@ -189,7 +192,8 @@ def write_report(grid: Grid, out: Path, command: str | None = None) -> Path:
         "",
         "Definitions: *final* = mean of a run's last two held-out evaluations; *AUC acc* = mean held-out "
         "accuracy over all evaluations (before training included); *AUC reward* = mean training reward over "
-        "all steps; *collapse* = after its best evaluation a run falls below half of that best; "
+        "all steps; *best* = highest evaluation, before training included; *collapse* = after its best evaluation a run "
+        "falls below half of that best; "
         "*|π−μ|* = mean absolute probability shift of the sampled tokens from the behaviour policy; "
         "*TR frac* = tokens DRPO corrected (w < 0), DPPO masked, or PPO clipped. "
         "Values are mean ± standard deviation over seeds, in percent except |π−μ|. *s/run* = wall seconds of "
@@ -237,8 +241,9 @@ def write_report(grid: Grid, out: Path, command: str | None = None) -> Path:
     return path
 
 
-# Two-sided 95% critical values of Student's t for 1..10 degrees of freedom (beyond: 2.2 is conservative).
-_T95 = (12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23)
+# Two-sided 95% critical values of Student's t for 1..10 degrees of freedom; beyond 10, the 10-df value
+# (2.228) is used, which is conservative.
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 
 
 def _paired(a: dict[int, dict[str, float]], b: dict[int, dict[str, float]], key: str) -> tuple[float, float, int]:
@@ -268,7 +273,8 @@ def _paired_table(per_seed: dict[str, dict[int, dict[str, float]]]) -> list[str]
     if not drpo or not others:
         return []
     rows = ["Paired differences (DRPO variant − other, same seeds; points of accuracy; * = significant at 95%, "
-            "paired t-test):", "", "| DRPO variant | vs | Δ final | t | Δ AUC acc | t |", "|---|---|---|---|---|---|"]
+            "paired t-test, not corrected for the number of comparisons: about 1 in 20 is starred by chance "
+            "alone):", "", "| DRPO variant | vs | Δ final | t | Δ AUC acc | t |", "|---|---|---|---|---|---|"]
     for d in drpo:
         for o in others:
             cells = []
@@ -282,8 +288,9 @@ def _paired_table(per_seed: dict[str, dict[int, dict[str, float]]]) -> list[str]
 
 def _verdict(per_seed: dict[str, dict[int, dict[str, float]]]) -> str:
     """Plain words: the best DRPO variant against the best other objective, by final and AUC accuracy,
-    compared seed by seed, and whether the gap is larger than the seeds' noise (2 standard errors)."""
-    means = {k: statistics.fmean(r["final"] for r in v.values()) for k, v in per_seed.items() if v}
+    compared seed by seed, and whether a paired t-test (two-sided, 95%) separates the gap from seed noise."""
+    finals = {k: [r["final"] for r in v.values() if not math.isnan(r["final"])] for k, v in per_seed.items()}
+    means = {k: statistics.fmean(v) for k, v in finals.items() if v}
     if not means:
         return "no finished runs."
     ranked = sorted(means, key=means.__getitem__, reverse=True)
@@ -305,12 +312,14 @@ def _verdict(per_seed: dict[str, dict[int, dict[str, float]]]) -> str:
         else:
             verdict = (f"paired t = {t:.2f} over {n} seeds: "
                        + ("significant at 95%" if significant else "not significant at 95%, within seed noise"))
-        outcome.append((label, diff, significant))
+        outcome.append((label, diff, significant, n))
         parts.append(f"{label}: {best} {'+' if diff >= 0 else '−'}{abs(diff) * 100:.1f} points ({verdict}).")
     headline = []
-    for label, diff, significant in outcome:
+    for label, diff, significant, n in outcome:
         points = f"{abs(diff) * 100:.1f} points"
-        if significant:
+        if n < 2:
+            headline.append(f"too few paired seeds ({n}) to judge {label}")
+        elif significant:
             headline.append(f"DRPO came out {'ahead' if diff > 0 else 'behind'} on {label} by {points}")
         elif diff <= 0:
             headline.append(f"DRPO did not come out ahead on {label} (it trailed by {points}, within seed noise)")
