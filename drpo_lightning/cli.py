@@ -203,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:
         if debug:
             raise
-        user_error = _user_error_message(err)
+        user_error = _user_error_message(err, argv)
         if user_error is None:
             raise
         print(f"drpo: error: {user_error}", file=sys.stderr)
@@ -233,8 +233,11 @@ def _config_files(argv: Sequence[str]) -> list[tuple[str, object]]:
         if not has_value:
             value = args[i + 1] if i + 1 < len(args) else ""
         path = Path(value)
-        if not path.is_file():
-            continue  # jsonargparse reports a missing file with its own one-line message
+        try:
+            if not path.is_file():
+                continue  # jsonargparse reports a missing file with its own one-line message
+        except OSError:  # e.g. an inline YAML string longer than a file name may be
+            continue
         try:
             found.append((value, yaml.safe_load(path.read_text())))
         except yaml.YAMLError as err:
@@ -304,7 +307,7 @@ def condense_parse_error(message: str) -> str:
     return prefix + (useful[0] if useful else lines[0] if lines else "invalid arguments")
 
 
-def _user_error_message(err: BaseException) -> str | None:
+def _user_error_message(err: BaseException, argv: Sequence[str] = ()) -> str | None:
     """A one-line message for the errors a user causes (bad config, data, plugin); None for bugs."""
     import re
 
@@ -319,11 +322,17 @@ def _user_error_message(err: BaseException) -> str | None:
         if isinstance(e, (UserError, PluginError, RewardError)):
             return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     # torch.load(weights_only=True) refused a checkpoint that pickles more than tensors and plain containers.
+    # Only for a resume (--ckpt_path given): the same error from any other load is not the user's.
+    resuming = any(a == "--ckpt_path" or a.startswith("--ckpt_path=") for a in argv)
     for e in chain:
         # (matched by name: this package imports no pickle module, see tests/reliability/test_security.py)
-        if type(e).__name__ == "UnpicklingError" and "Weights only load failed" in str(e):
-            return ("ckpt_path: the checkpoint holds pickled Python objects, which weights-only loading refuses "
-                    "(nothing in it was run); resume only from checkpoints written by drpo fit")
+        if resuming and type(e).__name__ == "UnpicklingError" and "Weights only load failed" in str(e):
+            unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+            if unsupported and unsupported.group(1).startswith(("drpo_lightning.", "lightning.")):
+                return None  # a checkpoint drpo-lightning wrote itself is refused: a bug, keep the traceback
+            what = f" ({unsupported.group(1)})" if unsupported else ""
+            return (f"ckpt_path: the checkpoint holds pickled Python objects{what}, which weights-only loading "
+                    "refuses (nothing in it was run); resume only from checkpoints written by drpo fit")
     # transformers refuses a model folder with custom code (config.json auto_map) unless it is trusted.
     for e in chain:
         found = re.search(r"The repository (.+?) contains custom code which must be executed", str(e))
