@@ -40,7 +40,7 @@ def test_there_are_configs_to_check():
 @pytest.mark.parametrize("config", FIT_CONFIGS, ids=lambda p: p.name)
 def test_every_fit_config_resolves(config, capsys, model_dir):
     printed = resolved(capsys, config, model_dir)
-    assert printed["model"]["objective"]["class_path"].startswith(("drpo_lightning.objectives.", "drpo_"))
+    assert printed["model"]["objective"]["class_path"].startswith("drpo_lightning.objectives.")
     assert printed["trainer"]["max_steps"] > 0
 
 
@@ -54,5 +54,15 @@ def test_every_grid_cell_resolves(grid_path, capsys, tmp_path, model_dir):
         path = tmp_path / f"{run.setting}-{run.objective}.yaml"
         path.write_text(yaml.safe_dump(run.config))
         printed = resolved(capsys, path, model_dir)
-        assert printed["seed_everything"] == seeds[0], run.name
+        assert printed["seed_everything"] == seeds[0] == printed["data"]["seed"], run.name
         assert printed["model"]["export_dir"] == ""
+        # the setting's and the objective's overrides survive resolution
+        model, wanted = printed["model"], run.config["model"]
+        for key in ("ppo_epochs", "num_minibatches"):
+            assert model[key] == wanted.get(key, 1), (run.name, key)
+        assert model["optimizer"]["init_args"]["lr"] == wanted["optimizer"]["init_args"]["lr"], run.name
+        assert model["rollout"]["init_args"]["precision"] == wanted["rollout"]["init_args"]["precision"]
+        objective = wanted["objective"]
+        assert model["objective"]["class_path"].rsplit(".", 1)[1].lower() == objective["class_path"], run.name
+        for arg, value in objective.get("init_args", {}).items():
+            assert model["objective"]["init_args"][arg] == value, (run.name, arg)
