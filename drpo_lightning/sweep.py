@@ -20,10 +20,12 @@ written to ``<out_dir>/<setting>/<objective>/seed<k>/config.yaml`` (the base wit
     objectives:
       drpo_0.2: {model.objective: {class_path: drpo, init_args: {delta: 0.2}}}
 
-A run is finished when its ``result.json`` exists; ``run`` skips finished runs, so an interrupted sweep picks
-up where it stopped (a run cut off half-way starts again from scratch: its folder is cleared). A failed run
-writes ``failed.json`` with the exit code and the tail of its log and does not stop the others; the next
-``run`` tries it again.
+A run is finished when its ``result.json`` exists and its saved ``config.yaml`` is still the grid's (edit the
+grid and the affected runs become *stale*: rerun, and never reported). ``run`` skips finished runs, so an
+interrupted sweep picks up where it stopped (a run cut off half-way starts again from scratch: its folder is
+cleared). A failed run (non-zero exit, or fewer rollouts logged than ``trainer.max_steps`` implies, as after a
+SIGTERM) writes ``failed.json`` with the reason and the tail of its log and does not stop the others; the next
+``run`` tries it again. One ``run`` at a time per ``out_dir`` (a lock file refuses a second).
 
 ``result.json`` holds the held-out accuracy before training and every logged metric as ``[step, value]``
 pairs; :mod:`drpo_lightning.study` turns a finished sweep into the stability report.
