@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from drpo_lightning.objectives.base import Objective, check_positive, clamped_ratio
+from drpo_lightning.objectives.base import Objective, check_positive, clamped_ratio, masked_mean
 
 DIVERGENCES = ("tv", "kl", "topk")
 TOPK_EXTRAS = ("topk_logprobs", "old_topk_logprobs", "topk_ids", "token_ids")
@@ -124,7 +124,7 @@ class DPPO(Objective):
             n = mask.sum().clamp(min=1)
             metrics = {
                 "dppo/masked_frac": (masked * mask).sum() / n,
-                "dppo/divergence_mean": torch.where(mask > 0, div, 0.0).sum() / n,  # padding may be NaN
+                "dppo/divergence_mean": masked_mean(div, mask),  # selects valid tokens: padding may be NaN
             }
         return coef * ratio, metrics
 
