@@ -71,7 +71,6 @@ def run_summary(result: dict[str, Any]) -> dict[str, float]:
         "collapsed": float(collapsed),
         "abs_prob_diff": statistics.fmean(gap) if gap else nan,
         "trust_frac": statistics.fmean(trust) if trust else nan,
-        "skipped": max(_values(result["metrics"].get("train/skipped_updates", [[0, 0.0]]))),
         "seconds": float(result.get("seconds", nan)),
     }
 
@@ -102,8 +101,7 @@ def summarise(grid: Grid) -> dict[tuple[str, str], dict[str, Any]]:
 def _fmt(mean: float, sd: float, pct: bool = True) -> str:
     if math.isnan(mean):
         return "n/a"
-    scale = 100 if pct else 1
-    return f"{mean * scale:.1f} ± {sd * scale:.1f}" if pct else f"{mean:.3f} ± {sd:.3f}"
+    return f"{mean * 100:.1f} ± {sd * 100:.1f}" if pct else f"{mean:.3f} ± {sd:.3f}"
 
 
 def _mean_curve(curves: list[list[list[float]]]) -> tuple[list[float], list[float], list[float], list[float]]:

@@ -230,6 +230,13 @@ def _expected_rollouts(config: dict[str, Any]) -> int | None:
     return math.ceil(max_steps / updates)
 
 
+def _failed(run: Run, rc: int, seconds: float, reason: str) -> str:
+    """Write the run's ``failed.json`` (why, and the tail of its log) and return ``failed``."""
+    run.failed_path.write_text(json.dumps({"returncode": rc, "seconds": round(seconds, 1), "reason": reason,
+                                           "log_tail": _tail(run.folder / "log.txt")}, indent=1))
+    return "failed"
+
+
 def execute(run: Run, threads: int, command: Sequence[str] | None = None) -> str:
     """Run one grid cell to completion in a subprocess; returns ``done`` or ``failed``."""
     if run.folder.exists():
@@ -246,17 +253,12 @@ def execute(run: Run, threads: int, command: Sequence[str] | None = None) -> str
     seconds = time.perf_counter() - start
     metrics_csv = run.folder / "logs" / "version_0" / "metrics.csv"
     if rc != 0 or not metrics_csv.is_file():
-        run.failed_path.write_text(json.dumps(
-            {"returncode": rc, "seconds": round(seconds, 1), "log_tail": _tail(log_path)}, indent=1))
-        return "failed"
+        return _failed(run, rc, seconds, f"exit code {rc}" if rc else "no metrics.csv was written")
     metrics = read_metrics(metrics_csv)
     expected, done = _expected_rollouts(run.config), len(metrics.get("reward", []))
     if expected is not None and done != expected:
         # `drpo fit` exits 0 after a SIGTERM (it saves and stops cleanly): a truncated run is not a result.
-        run.failed_path.write_text(json.dumps(
-            {"returncode": rc, "seconds": round(seconds, 1), "reason": f"stopped after {done} of {expected} rollouts",
-             "log_tail": _tail(log_path)}, indent=1))
-        return "failed"
+        return _failed(run, rc, seconds, f"stopped after {done} of {expected} rollouts")
     before = BEFORE_RE.search(log_path.read_text(errors="replace"))
     result = {
         "name": run.name, "setting": run.setting, "objective": run.objective, "seed": run.seed,
@@ -293,9 +295,10 @@ def _run_locked(grid: Grid, jobs: int, only: str | None, command, echo) -> dict[
         pattern = re.compile(only) if only is not None else None
     except re.error as err:
         raise ConfigError(f"--only {only!r} is not a regular expression: {err}") from None
-    todo = [r for r in grid.runs if r.state() != "done" and (pattern is None or pattern.search(r.name))]
-    counts = {"skipped": sum(r.state() == "done" for r in grid.runs), "done": 0, "failed": 0}
-    stale = sum(r.state() == "stale" for r in todo)
+    states = {r.name: r.state() for r in grid.runs}  # each reads the run's result and config: once per run
+    todo = [r for r in grid.runs if states[r.name] != "done" and (pattern is None or pattern.search(r.name))]
+    counts = {"skipped": list(states.values()).count("done"), "done": 0, "failed": 0}
+    stale = sum(states[r.name] == "stale" for r in todo)
     threads = max(1, len(os.sched_getaffinity(0)) // jobs)
     echo(f"sweep: {len(grid.runs)} runs, {counts['skipped']} finished, {len(todo)} to run"
          + (f" ({stale} finished with an older config: rerun)" if stale else "") + " "
