@@ -55,13 +55,14 @@ __all__ = [
 DEFAULT_CHUNK_SIZE = 512
 """Tokens per chunk. A chunk holds two ``[chunk_size, V]`` float32 buffers (logits and their
 exponentials; plus one in the compute dtype for bf16/fp16 heads): 2 x 311 MB for V = 152k.
-Measured with ``benchmarks/bench_logprobs.py`` (V = 151,936, T = 4,096, H = 896, fp32, forward + backward
-of log-probs and entropy, 2 CPU cores; naive: 11.9 GB, 80-110 s):
+A chunk-size sweep with ``benchmarks/bench_logprobs.py`` (V = 151,936, T = 4,096, H = 896, fp32, forward +
+backward of log-probs and entropy, 2 CPU cores; naive peak 11.9 GB):
 
-    chunk_size   256     512     1024    2048
-    peak         0.071x  0.096x  0.146x  0.246x   of naive
-    time         55 s    49 s    48 s    48 s
+    chunk_size           256     512     1024    2048
+    peak                 0.071x  0.096x  0.146x  0.246x   of naive
+    time vs chunk 2048   1.15x   1.02x   1.00x   1.00x
 
+(The sweep's absolute times predate later speed-ups of this module; docs/performance.md has current ones.)
 512 is as fast as larger chunks (the matmuls are already large) and stays well under 0.15x naive memory.
 Lower it for very large vocabularies or tight memory; raise it for small vocabularies."""
 
