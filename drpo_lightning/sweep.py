@@ -25,7 +25,8 @@ grid and the affected runs become *stale*: rerun, and never reported). ``run`` s
 interrupted sweep picks up where it stopped (a run cut off half-way starts again from scratch: its folder is
 cleared). A failed run (non-zero exit, or fewer rollouts logged than ``trainer.max_steps`` implies, as after a
 SIGTERM) writes ``failed.json`` with the reason and the tail of its log and does not stop the others; the next
-``run`` tries it again. One ``run`` at a time per ``out_dir`` (a lock file refuses a second).
+``run`` tries it again. One ``run`` at a time per ``out_dir`` (a lock file refuses a second; the ``drpo fit``
+processes of a killed sweep keep holding it until they end).
 
 ``result.json`` holds the held-out accuracy before training and every logged metric as ``[step, value]``
 pairs; :mod:`drpo_lightning.study` turns a finished sweep into the stability report.
@@ -237,8 +238,13 @@ def _failed(run: Run, rc: int, seconds: float, reason: str) -> str:
     return "failed"
 
 
-def execute(run: Run, threads: int, command: Sequence[str] | None = None) -> str:
-    """Run one grid cell to completion in a subprocess; returns ``done`` or ``failed``."""
+def execute(run: Run, threads: int, command: Sequence[str] | None = None, lock_fd: int | None = None) -> str:
+    """Run one grid cell to completion in a subprocess; returns ``done`` or ``failed``.
+
+    ``lock_fd``, the sweep's locked ``.sweep.lock``, is inherited by the subprocess: if the sweep itself is
+    killed, the lock stays held until its ``drpo fit`` children have exited too, so a new sweep cannot clear
+    and rerun a folder that an orphaned run is still writing.
+    """
     if run.folder.exists():
         shutil.rmtree(run.folder)  # a run cut off half-way starts again: partial metrics are not results
     run.folder.mkdir(parents=True)
@@ -249,7 +255,8 @@ def execute(run: Run, threads: int, command: Sequence[str] | None = None) -> str
     log_path = run.folder / "log.txt"
     start = time.perf_counter()
     with log_path.open("w") as log:
-        rc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env, check=False).returncode
+        rc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env, check=False,
+                            pass_fds=() if lock_fd is None else (lock_fd,)).returncode
     seconds = time.perf_counter() - start
     metrics_csv = run.folder / "logs" / "version_0" / "metrics.csv"
     if rc != 0 or not metrics_csv.is_file():
@@ -283,14 +290,15 @@ def run_grid(grid: Grid, jobs: int | None = None, only: str | None = None,
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the process ends, however it ends
     except BlockingIOError:
         lock.close()
-        raise ConfigError(f"another `drpo sweep run` is writing to {grid.out_dir}; wait for it or stop it") from None
+        raise ConfigError(f"another `drpo sweep run` (or a `drpo fit` it started, still running after it was "
+                          f"killed) is writing to {grid.out_dir}; wait for it or stop it") from None
     try:
-        return _run_locked(grid, jobs, only, command, echo)
+        return _run_locked(grid, jobs, only, command, echo, lock.fileno())
     finally:
         lock.close()
 
 
-def _run_locked(grid: Grid, jobs: int, only: str | None, command, echo) -> dict[str, int]:
+def _run_locked(grid: Grid, jobs: int, only: str | None, command, echo, lock_fd: int) -> dict[str, int]:
     try:
         pattern = re.compile(only) if only is not None else None
     except re.error as err:
@@ -306,7 +314,7 @@ def _run_locked(grid: Grid, jobs: int, only: str | None, command, echo) -> dict[
 
     def one(run: Run) -> str:
         start = time.perf_counter()
-        outcome = execute(run, threads, command)
+        outcome = execute(run, threads, command, lock_fd)
         echo(f"sweep: {outcome:<6} {run.name} ({time.perf_counter() - start:.0f} s)")
         return outcome
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import sys
@@ -175,7 +176,7 @@ def test_a_second_sweep_on_the_same_folder_is_refused(tmp_path):
     grid.out_dir.mkdir(parents=True)
     with (grid.out_dir / ".sweep.lock").open("w") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        with pytest.raises(ConfigError, match="another `drpo sweep run` is writing to"):
+        with pytest.raises(ConfigError, match="another `drpo sweep run` .* is writing to"):
             run_grid(grid, command=fake_fit(2), echo=lambda _: None)
     with pytest.raises(ConfigError, match="--only '\\(' is not a regular expression"):
         run_grid(grid, only="(", command=fake_fit(2), echo=lambda _: None)
@@ -224,3 +225,61 @@ def test_paired_t_test_and_verdict_wording():
     assert "DRPO did not come out ahead on final accuracy (it trailed by 2.0 points, within seed noise)" in _verdict(per_seed)
     table = _paired_table(per_seed)
     assert table[-1].startswith("| drpo_0.2 | ppo | -2.0 | ")
+
+
+ORPHAN_FIT = """
+import os, sys, time
+from pathlib import Path
+tmp = Path(sys.argv[1])
+(tmp / "child.pid").write_text(str(os.getpid()))
+deadline = time.monotonic() + 60
+while not (tmp / "release").exists() and time.monotonic() < deadline:
+    time.sleep(0.05)
+"""
+
+KILLED_SWEEP = """
+import sys
+from drpo_lightning.sweep import load_grid, run_grid
+run_grid(load_grid(sys.argv[1]), command=[sys.executable, "-c", sys.argv[2], sys.argv[3]], echo=lambda _: None)
+"""
+
+
+def test_a_killed_sweeps_running_child_keeps_the_folder_locked(tmp_path):
+    # SIGKILL the sweep while its `drpo fit` runs: a new sweep must not clear and rerun that run's folder while
+    # the orphan still writes to it, so the child holds the lock until it ends.
+    import os
+    import signal
+    import subprocess
+    import time
+
+    path = write_grid(tmp_path, objectives={"ppo": {"model.objective": "ppo"}}, jobs=1)
+    parent = subprocess.Popen([sys.executable, "-c", KILLED_SWEEP, str(path), ORPHAN_FIT, str(tmp_path)])
+    pid_file = tmp_path / "child.pid"
+    try:
+        deadline = time.monotonic() + 60
+        while not pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pid_file.exists(), "the sweep never started its run"
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=30)
+        with pytest.raises(ConfigError, match="still running after it was killed"):
+            run_grid(load_grid(path), command=fake_fit(2), echo=lambda _: None)
+        (tmp_path / "release").touch()
+        lock_path = tmp_path / "out" / ".sweep.lock"
+        deadline = time.monotonic() + 30
+        with lock_path.open("w") as probe:
+            while True:
+                try:
+                    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    assert time.monotonic() < deadline, "the lock was never released after the child ended"
+                    time.sleep(0.05)
+        assert run_grid(load_grid(path), command=fake_fit(2), echo=lambda _: None)["done"] == 1
+    finally:
+        (tmp_path / "release").touch()
+        if parent.poll() is None:
+            parent.kill()
+        if pid_file.exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
