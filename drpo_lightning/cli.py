@@ -215,8 +215,21 @@ OPTIONAL_PACKAGES = {"bitsandbytes": "quant", "peft": "quant"}
 """Import roots of optional dependencies -> the drpo-lightning extra that installs them."""
 
 
+def _config_value(args: Sequence[str], i: int) -> str | None:
+    """The file named by ``args[i]`` if it is a config option, in any spelling argparse accepts
+    (``--config F``, ``--config=F``, ``-c F``, ``-cF``, ``-c=F``); None for any other argument."""
+    arg = args[i]
+    if arg in ("--config", "-c"):
+        return args[i + 1] if i + 1 < len(args) else ""
+    if arg.startswith("--config="):
+        return arg.removeprefix("--config=")
+    if arg.startswith("-c") and not arg.startswith("--"):
+        return arg[2:].removeprefix("=")
+    return None
+
+
 def _config_files(argv: Sequence[str]) -> list[tuple[str, object]]:
-    """The ``--config`` files of ``argv`` with their parsed YAML, in order. A YAML syntax error is one line
+    """The config files of ``argv`` with their parsed YAML, in order. A YAML syntax error is one line
     naming the file, line and column (jsonargparse would report it without the file)."""
     from pathlib import Path
 
@@ -226,12 +239,10 @@ def _config_files(argv: Sequence[str]) -> list[tuple[str, object]]:
 
     args = list(argv)
     found = []
-    for i, arg in enumerate(args):
-        key, has_value, value = arg.partition("=")
-        if key not in ("--config", "-c"):
+    for i in range(len(args)):
+        value = _config_value(args, i)
+        if value is None:
             continue
-        if not has_value:
-            value = args[i + 1] if i + 1 < len(args) else ""
         path = Path(value)
         try:
             if not path.is_file():
@@ -275,15 +286,16 @@ def _check_optional_imports(argv: Sequence[str]) -> None:
     configs = dict(_config_files(argv))
     args = list(argv)
     for i, arg in enumerate(args):
+        config = _config_value(args, i)
+        if config is not None:
+            walk("", configs.get(config))
+            continue
         if not arg.startswith("--"):
             continue
         key, has_value, value = arg[2:].partition("=")
         if not has_value and i + 1 < len(args):
             value = args[i + 1]
-        if key == "config":
-            walk("", configs.get(value))
-        else:
-            found[key.removesuffix(".class_path")] = value
+        found[key.removesuffix(".class_path")] = value
     for key, value in found.items():
         root = value.split(".", 1)[0]
         if "." in value and root in OPTIONAL_PACKAGES and not package_available(root):

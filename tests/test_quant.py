@@ -204,9 +204,11 @@ def test_lora_without_peft(monkeypatch):
     assert one_line(err) == "model.lora needs peft: pip install 'drpo-lightning[quant]'"
 
 
-def test_bitsandbytes_optimizer_without_bitsandbytes(monkeypatch, capsys, tiny_model_dir):
+@pytest.mark.parametrize("spelling", ["--config F", "--config=F", "-c F", "-cF", "-c=F"])
+def test_bitsandbytes_optimizer_without_bitsandbytes(spelling, monkeypatch, capsys, tiny_model_dir):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
-    code = main(["fit", "--config", str(CONFIGS / "drpo_8bit.yaml"), f"--model.model_name_or_path={tiny_model_dir}"])
+    config = spelling.replace("F", str(CONFIGS / "drpo_8bit.yaml")).split(" ")
+    code = main(["fit", *config, f"--model.model_name_or_path={tiny_model_dir}"])
     err = capsys.readouterr().err
     assert code == 2
     assert err.splitlines()[0] == (

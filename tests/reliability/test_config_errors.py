@@ -77,6 +77,8 @@ SCENARIOS = [
     ("yaml-syntax-error", ["--config", "{d}/broken.yaml"],
      ["--config ", "broken.yaml: YAML syntax error at line 3, column 1: expected ',' or ']'",
       "flow sequence started at line 2, column 12"]),
+    ("yaml-syntax-error-short-flag", ["-c{d}/broken.yaml"],
+     ["--config ", "broken.yaml: YAML syntax error at line 3, column 1"]),
     ("null-number-yaml", ["--config", "{d}/null_numbers.yaml"], ["data.batch_size must be a number, got null"]),
     ("null-model-number-yaml", ["--config", "{d}/null_model_number.yaml"], ["model.num_generations must be >= 1, got None"]),
     ("zero-batch", ["--data.batch_size=0"], ["data.batch_size must be >= 1, got 0"]),
