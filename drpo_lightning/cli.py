@@ -216,8 +216,9 @@ OPTIONAL_PACKAGES = {"bitsandbytes": "quant", "peft": "quant"}
 
 
 def _config_value(args: Sequence[str], i: int) -> str | None:
-    """The file named by ``args[i]`` if it is a config option, in any spelling argparse accepts
-    (``--config F``, ``--config=F``, ``-c F``, ``-cF``, ``-c=F``); None for any other argument."""
+    """The file named by ``args[i]`` if it is a config option in one of its five spellings (``--config F``,
+    ``--config=F``, ``-c F``, ``-cF``, ``-c=F``); None for any other argument. Abbreviations such as
+    ``--conf F``, which argparse also accepts, are left to jsonargparse's own (less precise) message."""
     arg = args[i]
     if arg in ("--config", "-c"):
         return args[i + 1] if i + 1 < len(args) else ""

@@ -26,7 +26,7 @@ interrupted sweep picks up where it stopped (a run cut off half-way starts again
 cleared). A failed run (non-zero exit, or fewer rollouts logged than ``trainer.max_steps`` implies, as after a
 SIGTERM) writes ``failed.json`` with the reason and the tail of its log and does not stop the others; the next
 ``run`` tries it again. One ``run`` at a time per ``out_dir`` (a lock file refuses a second; the ``drpo fit``
-processes of a killed sweep keep holding it until they end).
+processes of a killed sweep, and any process they fork, keep holding it until they end).
 
 ``result.json`` holds the held-out accuracy before training and every logged metric as ``[step, value]``
 pairs; :mod:`drpo_lightning.study` turns a finished sweep into the stability report.
@@ -287,7 +287,8 @@ def run_grid(grid: Grid, jobs: int | None = None, only: str | None = None,
     grid.out_dir.mkdir(parents=True, exist_ok=True)
     lock = (grid.out_dir / ".sweep.lock").open("w")
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the process ends, however it ends
+        # Held until this process and every `drpo fit` it started (they inherit the fd) have ended.
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock.close()
         raise ConfigError(f"another `drpo sweep run` (or a `drpo fit` it started, still running after it was "
