@@ -244,34 +244,44 @@ run_grid(load_grid(sys.argv[1]), command=[sys.executable, "-c", sys.argv[2], sys
 """
 
 
+def _within(seconds: float, condition) -> bool:
+    """Poll ``condition()`` every 50 ms until it holds (True) or ``seconds`` pass (False)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _lock_is_free(path: Path) -> bool:
+    with path.open("w") as probe:
+        try:
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released again when the probe closes
+        except BlockingIOError:
+            return False
+        return True
+
+
 def test_a_killed_sweeps_running_child_keeps_the_folder_locked(tmp_path):
     # SIGKILL the sweep while its `drpo fit` runs: a new sweep must not clear and rerun that run's folder while
     # the orphan still writes to it, so the child holds the lock until it ends.
     import signal
     import subprocess
-    import time
 
     path = write_grid(tmp_path, objectives={"ppo": {"model.objective": "ppo"}}, jobs=1)
     parent = subprocess.Popen([sys.executable, "-c", KILLED_SWEEP, str(path), ORPHAN_FIT, str(tmp_path)])
     try:
-        deadline = time.monotonic() + 60
-        while not (tmp_path / "started").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert (tmp_path / "started").exists(), "the sweep never started its run"
+        assert _within(60, (tmp_path / "started").exists), "the sweep never started its run"
         parent.send_signal(signal.SIGKILL)
         parent.wait(timeout=30)
         with pytest.raises(ConfigError, match="still running after it was killed"):
             run_grid(load_grid(path), command=fake_fit(2), echo=lambda _: None)
         (tmp_path / "release").touch()
-        deadline = time.monotonic() + 30
-        with (tmp_path / "out" / ".sweep.lock").open("w") as probe:
-            while True:
-                try:
-                    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    assert time.monotonic() < deadline, "the lock was never released after the child ended"
-                    time.sleep(0.05)
+        lock = tmp_path / "out" / ".sweep.lock"
+        assert _within(30, lambda: _lock_is_free(lock)), "the lock was never released after the child ended"
         assert run_grid(load_grid(path), command=fake_fit(2), echo=lambda _: None)["done"] == 1
     finally:
         # The orphan ends by itself within 0.05 s of the release file (or after its own 60 s deadline); it
