@@ -71,6 +71,9 @@ class RolloutBatch(NamedTuple):
     """``[N, T, K]`` float32, mu's K largest log-probs per position (None unless asked for)."""
     topk_ids: torch.Tensor | None = None
     """``[N, T, K]`` long, token ids of ``topk_logprobs``."""
+    policy_version: torch.Tensor | None = None
+    """``[N]`` long, the policy version (optimizer updates applied to the weights) each completion was
+    sampled with; None from an engine that samples with the trainer's own, current weights."""
 
 
 class ObjectiveOutput(NamedTuple):

@@ -21,6 +21,27 @@ class RolloutEngine(ABC):
     max_new_tokens: int
     """Completion length budget; the trainer pads every completion batch to it."""
 
+    policy_version: int = 0
+    """Version of the weights the engine samples with: the number of optimizer updates applied to them."""
+
+    # -- weight sync ------------------------------------------------------------------------------------
+    # An engine that samples with its own copy of the weights (a worker process, vLLM) receives the trainer's
+    # weights after updates. The in-process engine samples with the trainer's policy itself, so for it these
+    # are no-ops that only track the version.
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor] | None, version: int) -> None:
+        """Sample with ``state_dict`` (full, unsharded tensor names of the policy) from now on, as ``version``.
+
+        ``None`` means the engine already shares the trainer's weights (in-process): only the version moves.
+        """
+        self.policy_version = int(version)
+
+    def pause(self) -> None:
+        """Stop starting new generations (called before weights are sent); in-flight ones may finish."""
+
+    def resume(self) -> None:
+        """Start generating again after :meth:`pause`."""
+
     @abstractmethod
     def generate(
         self,
