@@ -43,6 +43,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from drpo_lightning.errors import ConfigError, UserError
+
 __all__ = [
     "AtomicCheckpointIO",
     "RLCheckpoint",
@@ -64,6 +66,17 @@ def _fsync_dir(path: Path) -> None:
 
 def _is_local(path: str | os.PathLike[str]) -> bool:
     return "://" not in str(path)
+
+
+def _write_failure(err: BaseException, folder: Path) -> str:
+    """Why a write failed, in a few words: the OS's reason, or the free space when torch hides it."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return str(err).strip().splitlines()[0][:120]
+    return f"{free / 2**20:.0f} MiB free on that disk: probably full" if free < 2**30 else str(err).splitlines()[0][:120]
 
 
 def _remove(path: Path) -> None:
@@ -103,6 +116,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             self._before_commit(partial, target)
             os.replace(partial, target)
             _fsync_dir(target.parent)
+        except (OSError, RuntimeError) as err:
+            # torch's zip writer reports a full disk as "unexpected pos"; say what happened and what survived.
+            # Name the checkpoint the user will look for, not RLCheckpoint's hidden staging name.
+            public = target.with_name(target.name[1:].split(".partial-")[0]) if ".partial-" in target.name else target
+            raise UserError(f"checkpoint {public}: could not be written ({_write_failure(err, target.parent)}); "
+                            "the checkpoints already saved are intact") from err
         finally:
             if partial.exists():
                 partial.unlink()
@@ -129,6 +148,26 @@ class RLCheckpoint(ModelCheckpoint):
     def __init__(self, *args: Any, save_on_sigterm: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.save_on_sigterm = save_on_sigterm
+        self._lock = None
+
+    # -- one run per folder, and what killed runs left behind ----------------------------------------------
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit" or not self.dirpath or not _is_local(self.dirpath):
+            return
+        if trainer.is_global_zero:
+            folder = Path(self.dirpath)
+            folder.mkdir(parents=True, exist_ok=True)
+            self._lock = _lock_folder(folder)
+            removed = remove_stale_partials(folder)
+            if removed:
+                rank_zero_info(f"removed {removed} partial checkpoint(s) left in {folder} by a killed run")
+        trainer.strategy.barrier("drpo-checkpoint-lock")
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing the file releases the lock
+            self._lock = None
 
     # -- atomic save ------------------------------------------------------------------------------------
     def _save_checkpoint(self, trainer, filepath: str) -> None:
@@ -189,6 +228,10 @@ class RLCheckpoint(ModelCheckpoint):
             warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
+    # -- the position in the data, as Lightning will read it back -----------------------------------------
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        settle_loop_position(checkpoint, trainer.num_training_batches)
+
     # -- SIGTERM ----------------------------------------------------------------------------------------
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if (
@@ -202,8 +245,92 @@ class RLCheckpoint(ModelCheckpoint):
             self._save_checkpoint(trainer, filepath)
             self._save_last_checkpoint(trainer, candidates)
             rank_zero_info(f"SIGTERM: saved the checkpoint of step {trainer.global_step} to {filepath}")
-            return
-        super().on_exception(trainer, pl_module, exception)
+        else:
+            super().on_exception(trainer, pl_module, exception)
+        self.teardown(trainer, pl_module, "fit")  # the run is over: free the folder even if teardown is skipped
+
+
+# ------------------------------------------------------------------------------------------------ folder hygiene
+
+LOCK_NAME = ".drpo-fit.lock"
+
+
+def _lock_folder(folder: Path):
+    """Hold an exclusive lock on ``folder`` for this run: two runs saving into one folder would mix their
+    ``last.ckpt`` and ``last-v1.ckpt``. Released when the file is closed or the process dies."""
+    import fcntl
+
+    handle = (folder / LOCK_NAME).open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        raise ConfigError(
+            f"trainer.callbacks: another drpo fit (pid {holder}) is saving checkpoints in {folder}; two runs in "
+            "one folder would mix their last.ckpt: give this run its own dirpath or wait for the other"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+def remove_stale_partials(folder: Path) -> int:
+    """Delete what a run killed while saving left in ``folder``: hidden ``.*.partial-*`` files and folders,
+    ``.*.link-*`` links, and hidden sharded-checkpoint folders no link points to. Called with the folder's
+    lock held, so nothing of this kind belongs to a live run."""
+    entries = list(folder.iterdir())
+    in_use = {p.resolve() for p in entries if p.is_symlink() and not p.name.startswith(".")}  # published
+    removed = 0
+    for path in entries:
+        name = path.name
+        stale = name.startswith(".") and (".partial-" in name or ".link-" in name)
+        orphan = name.startswith(".") and ".d-" in name and path.is_dir() and not path.is_symlink() \
+            and path.resolve() not in in_use
+        if stale or orphan:
+            if path.is_symlink() or path.is_file():
+                path.unlink()
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+# ------------------------------------------------------------------------------------------------ loop position
+
+
+def settle_loop_position(checkpoint: dict[str, Any], num_training_batches: float) -> None:
+    """Write the fit loop's progress in the one form Lightning resumes exactly: "saved at the end of batch b
+    of epoch e", with (e, b) taken from the training loader's own position (:class:`PromptDataLoader`).
+
+    Lightning records the loop state differently depending on *when* it saves. A save at the end of a batch
+    (``every_n_train_steps``) resumes exactly. A save while the fit loop winds down (``max_steps`` reached,
+    SIGTERM) already marks the epoch finished although ``b`` batches of it were drawn: on resume the run
+    either starts a new epoch at once (a run stopped mid-epoch by ``max_steps`` then sees other prompts than
+    an uninterrupted run) or, stopped on the last batch, trains one batch of the next epoch and then skips
+    the rest of it. Rewriting every checkpoint in the end-of-batch form makes all of them resume as an
+    uninterrupted run would continue. Checkpoints without a resumable loader position are left alone.
+    """
+    fit = checkpoint.get("loops", {}).get("fit_loop")
+    loaders = (fit or {}).get("state_dict", {}).get("combined_loader")
+    if not fit or not loaders or not isinstance(loaders[0], dict) or "batches" not in loaders[0]:
+        return
+    epoch, batches = int(loaders[0]["epoch"]), int(loaders[0]["batches"])
+    progress = fit.get("epoch_loop.batch_progress")
+    if batches < 1 or progress is None or "epoch_progress" not in fit:
+        return  # at the start of an epoch: nothing was drawn from it, any form resumes right
+    total = int(progress["total"]["processed"])  # batches trained since the run began
+    progress["current"] = {"ready": batches, "started": batches, "processed": batches, "completed": batches - 1}
+    progress["total"] = {"ready": total, "started": total, "processed": total, "completed": total - 1}
+    progress["is_last_batch"] = batches >= num_training_batches
+    fit["epoch_progress"] = {part: {"ready": epoch + 1, "started": epoch + 1, "processed": epoch, "completed": epoch}
+                             for part in ("total", "current")}
+    # Lightning counts this batch as stepped only after the end-of-batch save, and adds it back on resume.
+    fit.setdefault("epoch_loop.state_dict", {})["_batches_that_stepped"] = total - 1
+    checkpoint["epoch"] = epoch
 
 
 # ------------------------------------------------------------------------------------------------ RNG states

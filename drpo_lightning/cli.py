@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from drpo_lightning.registry import REGISTRIES, PluginError, load_all, registry_for
 
@@ -76,6 +77,40 @@ def _lightning_cli():
                 super()._set_seed()
             except ValueError as err:  # Lightning's seed_everything refuses seeds outside numpy's range
                 raise ConfigError(f"seed_everything: {err}") from err
+
+        def _parse_ckpt_path(self) -> None:
+            # LightningCLI applies the checkpoint's hyperparameters over the parsed config here. Never: a
+            # checkpoint must not turn on trust_remote_code or undo the command line (see resume.py).
+            return None
+
+        def before_fit(self) -> None:
+            self._check_ckpt_path("fit")
+
+        def before_validate(self) -> None:
+            self._check_ckpt_path("validate")
+
+        def before_test(self) -> None:
+            self._check_ckpt_path("test")
+
+        def _check_ckpt_path(self, subcommand: str) -> None:
+            """Resolve ``last`` in this config's run folder and check the checkpoint before any weights load."""
+            from drpo_lightning import resume
+
+            config = self.config_init[subcommand]
+            given = config.get("ckpt_path")
+            if given is None or given in ("best", "hpc", "registry"):
+                return
+            path = resume.find_last(self.trainer) if given == "last" else Path(given)
+            saved = resume.load_checkpoint_meta(path)
+            resume.check_optimizer(saved, getattr(self.model, "optimizer_factory", None))
+            conflicts = resume.setting_conflicts(saved.get("hyper_parameters") or {}, dict(self.model.hparams))
+            if conflicts and self.trainer.is_global_zero:
+                print(f"drpo: warning: resuming with settings that differ from the checkpoint's (the config "
+                      f"wins, so the run does not continue exactly as the saved one): {'; '.join(conflicts)}",
+                      file=sys.stderr)
+            if given == "last" and self.trainer.is_global_zero:
+                print(f"drpo: resuming from {resume.describe(path)} (step {saved['global_step']})", file=sys.stderr)
+            config["ckpt_path"] = str(path)
 
         def instantiate_trainer(self, **kwargs):
             # Lightning validates the Trainer's arguments only here, after the model is built: turn its
@@ -232,7 +267,6 @@ def _config_value(args: Sequence[str], i: int) -> str | None:
 def _config_files(argv: Sequence[str]) -> list[tuple[str, object]]:
     """The config files of ``argv`` with their parsed YAML, in order. A YAML syntax error is one line
     naming the file, line and column (jsonargparse would report it without the file)."""
-    from pathlib import Path
 
     import yaml
 
@@ -346,6 +380,20 @@ def _user_error_message(err: BaseException, argv: Sequence[str] = ()) -> str | N
             what = f" ({unsupported.group(1)})" if unsupported else ""
             return (f"ckpt_path: the checkpoint holds pickled Python objects{what}, which weights-only loading "
                     "refuses (nothing in it was run); resume only from checkpoints written by drpo fit")
+    # The run folder cannot be written: read-only, not ours, or the disk is full.
+    import errno
+
+    for e in chain:
+        if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC,
+                                                  errno.EDQUOT):
+            return (f"{e.filename or 'output folder'}: {e.strerror} (the run folder, trainer.default_root_dir or "
+                    "the logger's save_dir, must be writable and have free space)")
+    # The checkpoint's weights do not fit the model the config builds (another model, another LoRA setting).
+    for e in chain:
+        if resuming and isinstance(e, RuntimeError) and "Error(s) in loading state_dict" in str(e):
+            detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), "")
+            return (f"ckpt_path: the checkpoint's weights do not fit the model this config builds ({detail[:160]}); "
+                    "was it saved with another model.model_name_or_path, model.lora or model.kl_beta?")
     # transformers refuses a model folder with custom code (config.json auto_map) unless it is trusted.
     for e in chain:
         found = re.search(r"The repository (.+?) contains custom code which must be executed", str(e))

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,6 +42,12 @@ __all__ = [
 Row = dict[str, Any]
 _SUFFIXES = (".jsonl", ".json", ".parquet")
 _HF_VAL_SPLITS = ("validation", "valid", "val", "test")
+RESERVED_COLUMNS = ("prompts", "completions")
+"""Keyword arguments of every reward call: a dataset column of the same name could not be passed."""
+DATA_INSTALL_HINT = 'pip install "drpo-lightning[data]"'
+PROGRESS_AFTER_S = 5.0
+"""A pass over the data that takes longer than this prints how far it has got, every this many seconds."""
+_PROGRESS_EVERY = 4096  # rows between two looks at the clock
 
 
 class DataError(UserError):
@@ -54,13 +62,36 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+class _Progress:
+    """Prints ``drpo: <what>: N rows (T s)`` to stderr (rank 0 only) while a pass over the data is running,
+    once it has run for :data:`PROGRESS_AFTER_S` seconds: a big file is then not mistaken for a hang."""
+
+    def __init__(self, what: str, every: int | None = None) -> None:
+        self.what, self.every = what, every or _PROGRESS_EVERY
+        self.start = self.last = time.monotonic()
+
+    def __call__(self, done: int) -> None:
+        if not done or done % self.every:
+            return
+        now = time.monotonic()
+        if now - self.last < PROGRESS_AFTER_S:
+            return
+        self.last = now
+        from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+        if getattr(rank_zero_only, "rank", 0) == 0:
+            print(f"drpo: {self.what}: {done:,} rows ({now - self.start:.0f} s)", file=sys.stderr, flush=True)
+
+
 def _read_jsonl(path: Path) -> tuple[list[Any], Callable[[int], str]]:
     """Rows of a JSON Lines file; blank lines are skipped. Errors name ``file:line``."""
     rows: list[Any] = []
     lines: list[int] = []
     offset = 0
+    progress = _Progress(f"reading {path}")
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
+            progress(lineno)
             try:
                 text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as err:
@@ -115,7 +146,7 @@ def _read_parquet(path: Path) -> tuple[list[Any], Callable[[int], str]]:
     try:
         import pyarrow.parquet as pq
     except ImportError as err:
-        raise DataError(f"{path}: reading Parquet needs pyarrow: pip install pyarrow") from err
+        raise DataError(f"{path}: reading Parquet needs pyarrow: {DATA_INSTALL_HINT}") from err
     try:
         rows = pq.read_table(path).to_pylist()
     except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ... for a corrupt file
@@ -133,7 +164,7 @@ def _read_hf(path: Path, key: str, prefer_val: bool) -> tuple[list[Any], Callabl
         import datasets
     except ImportError as err:
         raise DataError(
-            f"{key}: {path} is a saved HF dataset; reading it needs: pip install datasets"
+            f"{key}: {path} is a saved HF dataset; reading it needs datasets: {DATA_INSTALL_HINT}"
         ) from err
     try:
         loaded = datasets.load_from_disk(str(path))
@@ -186,37 +217,84 @@ def load_rows(
     training set (``prefer_val=False``), else None. With ``prefer_val=True`` a DatasetDict's validation split is
     read (falling back to test, then train). ``key`` is the config key named in errors.
     """
+    rows, where, held_out, _ = _load(path, key, prefer_val)
+    return rows, where, held_out
+
+
+def _load(
+    path: str | os.PathLike[str], key: str, prefer_val: bool
+) -> tuple[list[Any], Callable[[int], str], Any, list[tuple[Path, int, int]]]:
+    """:func:`load_rows`, plus the ``(file, first row, end row)`` of each shard when ``path`` is a folder of
+    shards (else an empty list)."""
     p = Path(os.path.expanduser(str(path)))
     if not p.exists():
         raise DataError(f"{key}: file not found: {p}")
     if p.is_file():
         rows, where = _read_file(p, key)
-        return rows, where, None
+        return rows, where, None, []
     if _is_saved_hf(p):
-        return _read_hf(p, key, prefer_val)
+        return (*_read_hf(p, key, prefer_val), [])
     shards = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in _SUFFIXES)
     if not shards:
         raise DataError(
             f"{key}: folder {p} is neither a saved HF dataset (save_to_disk) nor holds .jsonl/.json/.parquet files"
         )
-    rows, spans = [], []
+    rows, spans, bounds = [], [], []
     for shard in shards:
         shard_rows, shard_where = _read_file(shard, key)
         spans.append((len(rows), shard_where))
+        bounds.append((shard, len(rows), len(rows) + len(shard_rows)))
         rows.extend(shard_rows)
 
     def where(i: int) -> str:
         start, shard_where = next(s for s in reversed(spans) if s[0] <= i)
         return shard_where(i - start)
 
-    return rows, where, None
+    return rows, where, None, bounds
 
 
-def _normalise(rows: Sequence[Any], where: Callable[[int], str], prompt_column: str, key: str) -> list[Row]:
-    """Check every row and return items ``{"prompt": str, **other columns}``."""
+def _check_shard_columns(
+    rows: Sequence[Row], where: Callable[[int], str], shards: Sequence[tuple[Path, int, int]]
+) -> None:
+    """Every shard of a folder must have the same columns (the union over its rows), as for a HF dataset: a
+    shard with a renamed or missing column would otherwise only fail when one of its rows is drawn."""
+    if len(shards) < 2:
+        return
+    columns = [set().union(*rows[start:end]) for _, start, end in shards]
+    first, first_columns = shards[0][0], columns[0]
+    for (shard, start, end), names in zip(shards[1:], columns[1:]):
+        if names == first_columns:
+            continue
+        missing, extra = sorted(first_columns - names), sorted(names - first_columns)
+        # Point at the first row that shows the difference: one with an extra column, else the shard's first.
+        at = next((i for i in range(start, end) if extra and extra[0] in rows[i]), start)
+        diff = "; ".join(part for part in (
+            f"no {', '.join(map(repr, missing))}" if missing else "",
+            f"extra {', '.join(map(repr, extra))}" if extra else "") if part)
+        raise DataError(
+            f"{where(at)}: the shards of {shard.parent} have different columns: {shard.name} has "
+            f"{sorted(names)}, {first.name} has {sorted(first_columns)} ({diff}); give every shard the same columns"
+        )
+
+
+def _normalise(
+    rows: Sequence[Any],
+    where: Callable[[int], str],
+    prompt_column: str,
+    key: str,
+    required: dict[str, list[str]] | None = None,
+) -> list[Row]:
+    """Check every row and return items ``{"prompt": str, **other columns}``.
+
+    ``required`` maps each column the reward functions read to the names of the rewards that read it: a row
+    without one of them fails here, before training, instead of when the row is drawn.
+    """
     items: list[Row] = []
     dropped_prompt = False
+    required = {c: r for c, r in (required or {}).items() if c not in ("prompt", prompt_column)}
+    progress = _Progress(f"checking {key}")
     for i, row in enumerate(rows):
+        progress(i)
         if not isinstance(row, dict):
             raise DataError(
                 f"{where(i)}: expected an object with a {prompt_column!r} field, got {type(row).__name__}"
@@ -233,6 +311,18 @@ def _normalise(rows: Sequence[Any], where: Callable[[int], str], prompt_column: 
             )
         if not prompt.strip():
             raise DataError(f"{where(i)}: {prompt_column!r} is empty")
+        for name in RESERVED_COLUMNS:
+            if name in row and name != prompt_column:
+                raise DataError(
+                    f"{where(i)}: column {name!r} clashes with the {name!r} argument every reward function is "
+                    "called with; rename the column"
+                )
+        for name, readers in required.items():
+            if name not in row:
+                raise DataError(
+                    f"{where(i)}: no {name!r} column, which reward {', '.join(map(repr, readers))} reads; "
+                    f"columns of this row: {list(row)}"
+                )
         item: Row = {"prompt": prompt}
         for name, value in row.items():
             if name == prompt_column:
@@ -286,6 +376,24 @@ def split_train_val(items: Sequence[Row], val_fraction: float, seed: int) -> tup
     train = [item for i, item in enumerate(items) if i not in held]
     val = [item for i, item in enumerate(items) if i in held]
     return train, val
+
+
+def _locator(
+    items: Sequence[Row], where: Callable[[int], str], source: Sequence[Row] | None
+) -> Callable[[int], str]:
+    """``where`` for ``items[i]``, which is ``source[j]`` for some ``j`` (``source`` None: ``items`` itself):
+    rows keep their file location through the held-out split and ``max_prompts``."""
+    if source is None or source is items:
+        return where
+    index: dict[int, int] | None = None
+
+    def locate(i: int) -> str:
+        nonlocal index
+        if index is None:  # built on the first error only
+            index = {id(item): j for j, item in enumerate(source)}
+        return where(index[id(items[i])])
+
+    return locate
 
 
 # ------------------------------------------------------------------------------------------ dataset & loader
@@ -574,13 +682,23 @@ class PromptDataModule(LightningDataModule):
         self.system_prompt = system_prompt
         self.train_dataset: PromptDataset | None = None
         self.val_dataset: PromptDataset | None = None
+        self.required_columns: dict[str, list[str]] = {}
+        """Columns every row must have -> who reads them, beyond those the attached module's rewards declare."""
+        self._where: dict[str, Callable[[int], str]] = {}
 
     # -- loading -------------------------------------------------------------------------------------------
 
     def setup(self, stage: str | None = None) -> None:
-        """Load and check the prompts (idempotent; every rank loads the same data)."""
+        """Load and check every prompt row (idempotent; every rank loads the same data).
+
+        Besides the rows' own shape, each row must hold the columns the reward functions read
+        (:attr:`required_columns`, plus those declared by the rewards of the attached ``RLModule``), and no
+        column may be called ``prompts`` or ``completions``; the shards of a folder must share their columns.
+        A mistake is a one-line :class:`DataError` naming ``file:line``, raised before any model weights load.
+        """
         if self.train_dataset is not None:
             return
+        required = self._required_columns()
         if self.task is not None:
             from drpo_lightning.tasks import build_task
 
@@ -591,33 +709,39 @@ class PromptDataModule(LightningDataModule):
                 seed=self.seed,
                 **self.task_kwargs,
             )
-            train = _normalise(train_rows, lambda i: f"task {self.task} row {i}", "prompt", "data.task")
-            val = (
-                _normalise(val_rows, lambda i: f"task {self.task} row {i}", "prompt", "data.task")
-                if val_rows
-                else []
-            )
+            def task_where(i: int) -> str:
+                return f"task {self.task} row {i}"
+
+            train = _normalise(train_rows, task_where, "prompt", "data.task", required)
+            val = _normalise(val_rows, task_where, "prompt", "data.task", required) if val_rows else []
+            train_where = val_where = (task_where, None)
         else:
-            rows, where, held_out = load_rows(self.path, key="data.path")
+            rows, where, held_out, shards = _load(self.path, "data.path", False)
             if not rows:
                 raise DataError(f"data.path: no rows in {self.path}")
-            items = _normalise(rows, where, self.prompt_column, "data.path")
+            items = _normalise(rows, where, self.prompt_column, "data.path", required)
+            _check_shard_columns(rows, where, shards)
+            del rows
+            train_where = val_where = (where, items)
             if self.val_path is not None:
                 train, val = items, []
             elif held_out is not None:
                 train = items
                 val = (
-                    _normalise(held_out[0], held_out[1], self.prompt_column, "data.path")
+                    _normalise(held_out[0], held_out[1], self.prompt_column, "data.path", required)
                     if held_out[0]
                     else []
                 )
+                val_where = (held_out[1], val)
             else:
                 train, val = split_train_val(items, self.val_fraction, self.seed)
         if self.val_path is not None:
-            rows, where, _ = load_rows(self.val_path, key="data.val_path", prefer_val=True)
+            rows, where, _, shards = _load(self.val_path, "data.val_path", True)
             if not rows:
                 raise DataError(f"data.val_path: no rows in {self.val_path}")
-            val = _normalise(rows, where, self.prompt_column, "data.val_path")
+            val = _normalise(rows, where, self.prompt_column, "data.val_path", required)
+            _check_shard_columns(rows, where, shards)
+            val_where = (where, val)
         if self.max_prompts is not None:
             train = train[: self.max_prompts]
         if len(train) < self.batch_size:
@@ -628,6 +752,48 @@ class PromptDataModule(LightningDataModule):
             )
         self.train_dataset = PromptDataset(train)
         self.val_dataset = PromptDataset(val)
+        self._where = {"train": _locator(train, *train_where), "val": _locator(val, *val_where)}
+
+    def _required_columns(self) -> dict[str, list[str]]:
+        """Columns every row must have -> the rewards that read them: :attr:`required_columns` and the
+        ``required_columns`` each reward of the attached module declares (Lightning attaches the module
+        before it sets the data up)."""
+        required = {name: list(readers) for name, readers in self.required_columns.items()}
+        trainer = getattr(self, "trainer", None)
+        module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        for reward in getattr(module, "rewards", None) or ():
+            for name in getattr(reward, "required_columns", None) or ():
+                readers = required.setdefault(name, [])
+                reader = getattr(reward, "name", None) or type(reward).__name__
+                if reader not in readers:
+                    readers.append(reader)
+        return required
+
+    def check_prompt_lengths(
+        self, count_tokens: Callable[[list[str]], Sequence[int]], limit: int, *, batch: int = 1024
+    ) -> None:
+        """Check, after :meth:`setup`, that no training or held-out prompt is longer than ``limit`` tokens.
+
+        ``count_tokens`` maps prompts to their lengths in tokens as the policy will see them (chat template
+        and special tokens included): the tokenizer is the model's, so the trainer calls this once it has one.
+        A prompt that is too long is a one-line :class:`DataError` naming its ``file:line``, raised before
+        training instead of when the prompt is drawn.
+        """
+        self._require_setup()
+        for split, dataset in (("train", self.train_dataset), ("val", self.val_dataset)):
+            assert dataset is not None
+            progress = _Progress(f"measuring the {split} prompts in tokens", every=1)
+            for start in range(0, len(dataset), batch):
+                chunk = [item["prompt"] for item in dataset.items[start : start + batch]]
+                for offset, length in enumerate(count_tokens(chunk)):
+                    if int(length) > limit:
+                        i = start + offset
+                        raise DataError(
+                            f"{self._where[split](i)}: the prompt is {int(length)} tokens long, more than "
+                            f"model.max_prompt_length = {limit} (context minus rollout.max_new_tokens): "
+                            f"{chunk[offset][:40]!r}; shorten it or drop the row"
+                        )
+                progress(start + len(chunk))
 
     @property
     def columns(self) -> list[str]:

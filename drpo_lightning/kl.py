@@ -7,6 +7,18 @@ With ``d = log pi_ref(y_t) - log pi_theta(y_t)`` (Schulman, "Approximating KL di
 - ``k3 = exp(d) - d - 1``: unbiased and always >= 0 (the GRPO default).
 
 ``d`` is clamped to [-20, 20] before ``exp`` so a far-drifted token gives a large finite penalty, not inf.
+
+Used as a *loss* (``model.kl_beta > 0``), the estimate is differentiated through ``log pi_theta(y_t)`` only, with
+the tokens fixed; in expectation over ``y_t ~ pi_theta`` the gradients are:
+
+- k1: ``E[grad log pi] = 0``. Zero in expectation: it adds noise, no pull toward the reference. Good as a
+  metric of KL(pi || ref), not as a penalty (``RLModule`` warns when it is one).
+- k2: ``E[(log pi - log ref) grad log pi] = grad KL(pi || ref)``, the reverse KL the metric estimates.
+- k3: ``E[(1 - ref/pi) grad log pi] = -E_ref[grad log pi] = grad KL(ref || pi)``, the forward KL, although
+  its value estimates KL(pi || ref) (the GRPO choice).
+
+(On the policy's own samples; with ``ppo_epochs > 1`` or a stale rollout the tokens come from an older policy
+and these hold approximately.)
 """
 
 from __future__ import annotations

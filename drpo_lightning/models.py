@@ -13,8 +13,10 @@ with its adapters switched off (``policy.disable_adapter()``): no second copy is
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -22,6 +24,16 @@ import torch
 from drpo_lightning.errors import ConfigError
 
 QUANT_INSTALL_HINT = "pip install 'drpo-lightning[quant]'"
+
+
+class MissingPackageError(ConfigError, ImportError):
+    """An optional package that a configured plugin needs is not installed; the one-line message names the
+    plugin and the drpo-lightning extra that installs the package."""
+
+
+def missing_package(what: str, package: str, extra: str) -> MissingPackageError:
+    """``<what> needs <package>: pip install "drpo-lightning[<extra>]"`` as an error to raise."""
+    return MissingPackageError(f'{what} needs the {package} package: pip install "drpo-lightning[{extra}]"')
 
 
 def package_available(name: str) -> bool:
@@ -186,9 +198,28 @@ def load_causal_lm(path: str, *, trust_remote_code: bool = False, model_kwargs: 
     """``AutoModelForCausalLM.from_pretrained`` from a local folder only (nothing is downloaded)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(
-        path, local_files_only=True, trust_remote_code=trust_remote_code, **dict(model_kwargs or {})
-    )
+    model_kwargs = dict(model_kwargs or {})
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, trust_remote_code=trust_remote_code, **model_kwargs
+        )
+    except (TypeError, ValueError, AttributeError) as err:
+        culprit = _model_kwarg_in(err, model_kwargs)
+        if culprit is None:
+            raise
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"model.model_kwargs: {culprit} was refused by from_pretrained: {message}") from err
+
+
+def _model_kwarg_in(err: BaseException, model_kwargs: dict[str, Any]) -> str | None:
+    """``key=value`` of the ``model.model_kwargs`` entry that ``err`` (raised by ``from_pretrained``) names,
+    by key or by value; None when it names none of them (then the error is not the kwargs' fault)."""
+    text = str(err)
+    for key, value in model_kwargs.items():
+        named = re.search(rf"\b{re.escape(str(key))}\b", text)
+        if named or (isinstance(value, str) and value and value in text):
+            return f"{key}={value!r}"
+    return None
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -345,6 +376,36 @@ def check_lora_targets(model: torch.nn.Module, lora: LoRA) -> None:
         )
 
 
+def current_umask() -> int:
+    """The process umask (read from /proc where it can be, as setting it to read it races with threads)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(folder: str | os.PathLike[str]) -> None:
+    """Give the files in ``folder`` the mode a plain ``open()`` would (0666 minus the umask, usually 0644).
+
+    safetensors writes weights through a temporary file created with mode 0600 and renamed into place, so
+    exported weights were readable by their owner only while the config and tokenizer beside them were
+    not: a model folder shared with a serving user or a group could not be loaded by them. Only permission
+    bits that the umask allows are added; nothing is made more open than the other files of the folder.
+    """
+    mode = 0o666 & ~current_umask()
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            current = path.stat().st_mode & 0o777
+            if current | mode != current:
+                path.chmod(current | mode)
+
+
 def export_policy(
     policy: torch.nn.Module,
     target: str,
@@ -366,12 +427,10 @@ def export_policy(
     into 4-bit weights would dequantize, add the update and re-quantize, rounding most of the update away.
     This needs CPU memory for one full-precision copy of the base for the duration of the export.
     """
-    if not is_adapter_model(policy):
+    if not is_adapter_model(policy) or not merge_adapters:
         policy.save_pretrained(target)
-        return "model"
-    if not merge_adapters:
-        policy.save_pretrained(target)
-        return "adapter"
+        follow_umask(target)
+        return "adapter" if is_adapter_model(policy) else "model"
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
     if base_path is None:
@@ -385,6 +444,7 @@ def export_policy(
     set_peft_model_state_dict(fresh, weights)
     merged = fresh.merge_and_unload()
     merged.save_pretrained(target)
+    follow_umask(target)
     return "merged"
 
 

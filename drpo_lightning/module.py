@@ -24,6 +24,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torchmetrics import MeanMetric
 
 from drpo_lightning.advantages.base import AdvantageEstimator
@@ -34,6 +35,8 @@ from drpo_lightning.objectives.base import Objective, aggregate
 from drpo_lightning.rewards.base import RewardFunction
 from drpo_lightning.rollouts.base import RolloutEngine
 from drpo_lightning.types import RolloutBatch
+
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def default_optimizer(params) -> torch.optim.Optimizer:
@@ -48,7 +51,9 @@ class RLModule(pl.LightningModule):
         model_name_or_path: a local Hugging Face model folder, or ``quickstart`` for the tiny arithmetic
             policy shipped with drpo-lightning. Nothing is downloaded.
         objective: the policy loss (``drpo``, ``dppo``, ``ppo`` or any installed plugin). Default DRPO.
-        rollout: the rollout engine sampling completions (default ``hf``: transformers ``generate``).
+        rollout: the rollout engine sampling completions (default ``hf``: transformers ``generate``). Its
+            sampling temperature (``rollout.temperature`` or ``rollout.sampling.temperature``) is part of
+            the rollout contract: the training forward uses it; without one, 1 is assumed with a warning.
         rewards: reward functions; their weighted sum is the reward of a completion. Default exact match.
         reward_weights: one weight per reward function (default 1 each).
         advantage: advantage estimator (default ``grpo``: group-normalised).
@@ -63,7 +68,10 @@ class RLModule(pl.LightningModule):
         tis_cap: with ``anchor: recompute``, truncated importance sampling: weight each token by
             min(pi_old/mu, tis_cap) to correct for the rollout/training mismatch. None turns it off.
         kl_beta: weight of the KL penalty to the reference (initial) policy; 0 loads no reference model.
-        kl_estimator: ``k1``, ``k2`` or ``k3`` (see :mod:`drpo_lightning.kl`).
+        kl_estimator: ``k1``, ``k2`` or ``k3`` (see :mod:`drpo_lightning.kl`). As a *loss* on tokens sampled
+            from the policy, k3 (default) has the gradient of KL(ref || pi) in expectation and k2 that of
+            KL(pi || ref); k1's gradient is zero in expectation (noise only), so k1 with ``kl_beta > 0``
+            does not regularise and warns.
         entropy_coef: weight of an entropy bonus (0 computes entropy for the metric only).
         max_grad_norm: clip the gradient norm to this value before each update; None disables clipping.
         max_consecutive_skips: an update whose loss or gradient is not finite is skipped (counted in
@@ -179,12 +187,20 @@ class RLModule(pl.LightningModule):
             raise ConfigError(f"model.anchor must be 'behavior' or 'recompute', got {h.anchor!r}")
         if h.tis_cap is not None and h.anchor != "recompute":
             raise ConfigError("model.tis_cap corrects pi_old/mu and needs model.anchor: recompute")
+        self._check_numbers()
         if h.tis_cap is not None and h.tis_cap <= 0:
             raise ConfigError(f"model.tis_cap must be > 0, got {h.tis_cap}")
-        if h.kl_beta is None or h.kl_beta < 0:
+        if h.kl_beta < 0:
             raise ConfigError(f"model.kl_beta must be >= 0, got {h.kl_beta}")
         if h.kl_estimator not in KL_ESTIMATORS:
             raise ConfigError(f"model.kl_estimator must be one of {KL_ESTIMATORS}, got {h.kl_estimator!r}")
+        if h.kl_estimator == "k1" and h.kl_beta > 0:
+            rank_zero_warn(
+                "model.kl_estimator: k1 with model.kl_beta > 0 only adds noise: the gradient of k1 = log pi - "
+                "log ref on tokens sampled from pi is zero in expectation, so it does not pull the policy toward "
+                "the reference. Use k3 (gradient of KL(ref || pi)) or k2 (gradient of KL(pi || ref))",
+                category=UserWarning,
+            )
         if h.max_grad_norm is not None and h.max_grad_norm <= 0:
             raise ConfigError(f"model.max_grad_norm must be > 0 or null, got {h.max_grad_norm}")
         if h.reward_weights is not None and len(h.reward_weights) != len(self.rewards):
@@ -196,14 +212,12 @@ class RLModule(pl.LightningModule):
             raise ConfigError(f"model.reward_on_error must be 'raise' or 'fallback', got {h.reward_on_error!r}")
         if h.reward_timeout is not None and not h.reward_timeout > 0:
             raise ConfigError(f"model.reward_timeout must be > 0 seconds or null, got {h.reward_timeout}")
-        if h.reward_fallback is None or not math.isfinite(h.reward_fallback):
-            raise ConfigError(f"model.reward_fallback must be a finite number, got {h.reward_fallback}")
-        if h.val_success_threshold is None:
-            raise ConfigError("model.val_success_threshold must be a number, got null")
+        self._check_group_size()
         if not isinstance(h.trust_remote_code, bool):
             raise ConfigError(f"model.trust_remote_code must be true or false, got {h.trust_remote_code!r}")
         if self.optimizer_factory is None:
             raise ConfigError("model.optimizer must name an optimizer (e.g. class_path: torch.optim.AdamW), got null")
+        self._try_optimizer()
         path = h.model_name_or_path
         if path != "quickstart" and (path is None or not str(path).strip() or not Path(path).is_dir()):
             raise ConfigError(
@@ -218,6 +232,60 @@ class RLModule(pl.LightningModule):
         check_adapter_packages(h.quantization, h.lora)  # quant extra installed; quantization needs lora
         if h.merge_adapters_on_export and h.lora is None:
             raise ConfigError("model.merge_adapters_on_export merges LoRA adapters and needs model.lora")
+
+    def _check_numbers(self) -> None:
+        """NaN and inf pass a YAML float and every ``<`` / ``>`` check (NaN compares False), then wreck the run
+        later (a NaN ``max_grad_norm`` turns every weight into NaN): refuse them where they make no sense."""
+        h = self.hparams
+        # inf is meaningful for these two: no truncation, no clipping.
+        for key in ("tis_cap", "max_grad_norm"):
+            if h[key] is not None and math.isnan(h[key]):
+                raise ConfigError(f"model.{key} must be a number or null, got nan")
+        for key in ("kl_beta", "entropy_coef", "val_success_threshold", "reward_fallback"):
+            if h[key] is None or not math.isfinite(h[key]):
+                raise ConfigError(f"model.{key} must be a finite number, got {h[key]}")
+        if h.reward_timeout is not None and math.isinf(h.reward_timeout):
+            raise ConfigError(f"model.reward_timeout must be a finite number of seconds, got {h.reward_timeout} "
+                              "(null waits forever)")
+        # Rewards are summed in float64 and then kept in float32: a weight or fallback beyond float32's range
+        # turns every reward into inf.
+        if abs(h.reward_fallback) > FLOAT32_MAX:
+            raise ConfigError(f"model.reward_fallback = {h.reward_fallback:g} is beyond float32's range (+-3.4e38)")
+        for i, weight in enumerate(h.reward_weights or ()):
+            if weight is None or not math.isfinite(weight) or abs(weight) > FLOAT32_MAX:
+                raise ConfigError(
+                    f"model.reward_weights[{i}] must be a finite number within float32's range (+-3.4e38), "
+                    f"got {weight}"
+                )
+
+    def _check_group_size(self) -> None:
+        from drpo_lightning.registry import ADVANTAGES
+
+        need = int(getattr(self.advantage, "min_group_size", 1))
+        if self.hparams.num_generations < need:
+            name = ADVANTAGES.name_of(type(self.advantage)) or type(self.advantage).__name__
+            raise ConfigError(
+                f"model.num_generations: advantage {name!r} compares the completions of a prompt and needs "
+                f"model.num_generations >= {need}, got {self.hparams.num_generations} (every advantage would "
+                "be 0 and nothing would train); for one sample per prompt use model.advantage: reinforce_pp"
+            )
+
+    def _try_optimizer(self) -> None:
+        """Build the optimizer (and scheduler) factory on a throw-away parameter, so torch's own argument checks
+        (``lr: -1``, ``betas`` out of range, ...) run now, before the model loads, and end in one line."""
+        dummy = torch.nn.Parameter(torch.zeros(2, 2))  # 2-D: some optimizers (Muon) refuse other shapes
+        key = "model.optimizer"
+        try:
+            optimizer = self.optimizer_factory([dummy])
+            if self.scheduler_factory is not None:
+                key = "model.lr_scheduler"
+                self.scheduler_factory(optimizer)
+        except (ValueError, TypeError) as err:
+            message = " ".join(str(err).split()) or type(err).__name__
+            raise ConfigError(f"{key}: {message}") from err
+        except Exception:
+            # Anything else may be an artefact of the fake parameter: the real build decides.
+            return
 
     def _check_sizes(self, prompts_per_batch: int) -> None:
         h = self.hparams
@@ -255,6 +323,28 @@ class RLModule(pl.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if stage == "fit" and datamodule is not None and hasattr(datamodule, "batch_size"):
             self._check_sizes(int(datamodule.batch_size))  # prompts per rank per step
+        if stage == "fit":
+            self._check_topk()
+
+    def _check_topk(self) -> None:
+        """An objective asking for more of mu's top log-probs than the vocabulary has fails inside ``topk``
+        at the first step: check it against the model's config.json before the weights load."""
+        wanted = int(getattr(self.objective, "requires_topk", 0) or 0)
+        if wanted <= 0:
+            return
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(
+            self.model_path, local_files_only=True, trust_remote_code=self.hparams.trust_remote_code
+        )
+        vocab = getattr(config.get_text_config(), "vocab_size", None)
+        if vocab is not None and wanted > int(vocab):
+            name = type(self.objective).__name__
+            key = "model.objective.init_args.topk" if hasattr(self.objective, "topk") else "model.objective"
+            raise ConfigError(
+                f"{key}: {name} asks for the top {wanted} log-probs of each token, but the policy's vocabulary "
+                f"has {vocab} tokens ({self.hparams.model_name_or_path}); use a topk <= {vocab}"
+            )
 
     def configure_model(self) -> None:
         if self.policy is not None:
@@ -389,9 +479,27 @@ class RLModule(pl.LightningModule):
         )
 
     def _rollout_temperature(self) -> float:
-        """The temperature the rollout sampled at (HFRollout keeps it in ``sampling``)."""
+        """The temperature the rollout sampled at: ``rollout.sampling.temperature`` (HFRollout) or
+        ``rollout.temperature``.
+
+        The temperature is part of the rollout contract: the training forward divides the logits by it so that
+        its log-probs and the behaviour log-probs the engine reported are of the same distribution. A rollout
+        with neither attribute is taken to sample at temperature 1, with a warning (once) naming its class.
+        """
         sampling = getattr(self.rollout, "sampling", None)
-        return float(getattr(sampling, "temperature", getattr(self.rollout, "temperature", 1.0)))
+        for owner in (sampling, self.rollout):
+            if owner is not None and hasattr(owner, "temperature"):
+                return float(owner.temperature)
+        if not getattr(self, "_warned_temperature", False):
+            self._warned_temperature = True
+            rank_zero_warn(
+                f"rollout {type(self.rollout).__name__} has no `temperature` attribute (nor "
+                "`sampling.temperature`): assuming it samples at temperature 1. If it samples at another "
+                "temperature, the training log-probs and the trust region are wrong; expose it as "
+                "`temperature` (part of the rollout contract)",
+                category=UserWarning,
+            )
+        return 1.0
 
     def _micro_batches(self, rows: torch.Tensor) -> list[torch.Tensor]:
         size = self.hparams.micro_batch_size or rows.numel()
@@ -443,7 +551,8 @@ class RLModule(pl.LightningModule):
         # 2. rewards, 3. advantages
         scored = self._score(batch, rollout, G)
         rewards = scored.total.to(self.device)  # [N]
-        advantages = self.advantage(rewards, rollout.group_ids.to(self.device))  # [N]
+        extra = {"lengths": mask.sum(-1)} if getattr(self.advantage, "uses_lengths", False) else {}
+        advantages = self.advantage(rewards, rollout.group_ids.to(self.device), **extra)  # [N]
 
         anchor = self._anchor_logprobs(rollout)  # [N, T]
         token_advantages = advantages.unsqueeze(-1).expand_as(mask)  # [N, T]
@@ -510,7 +619,13 @@ class RLModule(pl.LightningModule):
         grad_norm = self._clip_grad_norm(max_norm)
         metrics["loss"].append(loss)
         metrics["grad_norm"].append(grad_norm.detach())
-        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+        finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
+        if finite and self.hparams.max_grad_norm is not None:
+            # Clipping scales the gradient by max_norm / norm: a finite norm can still give a NaN gradient (a
+            # NaN max_grad_norm set after the config check, a clipping bug), so measure what the optimizer
+            # would apply. The norm is global (a collective on every rank, which all reach: `finite` agrees).
+            finite = bool(torch.isfinite(self._clip_grad_norm(float("inf"))))
+        if not finite:
             # A non-finite update would wreck the policy silently: skip it, count it, stop if it persists.
             optimizer.zero_grad(set_to_none=True)
             self.skipped_updates += 1

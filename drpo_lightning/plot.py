@@ -37,6 +37,8 @@ from drpo_lightning.errors import UserError
 __all__ = ["gradient_weights", "main"]
 
 INSTALL_HINT = 'drpo plot-weights needs matplotlib: pip install "drpo-lightning[plot]"'
+MAX_POINTS = 100_000
+"""Most pi values per curve: far more than a plot can show, and the autograd pass stays under a second."""
 
 
 def gradient_weights(
@@ -76,8 +78,54 @@ def _parse_params(items: Sequence[str], names: Sequence[str]) -> dict[str, dict[
             raise UserError(f"--param must look like NAME.ARG=VALUE (e.g. drpo.delta=0.2), got {item!r}")
         if name not in params:
             raise UserError(f"--param {item!r}: {name!r} is not one of --objectives {list(names)}")
-        params[name][arg] = yaml.safe_load(value)
+        try:
+            params[name][arg] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise UserError(f"--param {item!r}: VALUE is not valid YAML ({_first_line(err)})") from None
     return params
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _check_param_types(cls: type, name: str, params: dict[str, Any]) -> None:
+    """A number argument given text or a list (``--param drpo.delta=abc``) is named here, before the
+    constructor compares it with a number and fails with a message that does not say which option it was."""
+    import inspect
+    import typing
+
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # annotations that do not resolve: leave the check to the constructor
+        return
+    for arg, value in params.items():
+        hint = hints.get(arg)
+        if hint is None or isinstance(value, (int, float)) or value is None:
+            continue
+        allowed = set(typing.get_args(hint)) or {hint}
+        if allowed & {int, float} and not any(
+            isinstance(value, t) for t in allowed if inspect.isclass(t) and t not in (int, float)
+        ):
+            raise UserError(f"--param {name}.{arg}={value!r}: {arg} must be a number, got {type(value).__name__}")
+
+
+def _check_out(out: str) -> None:
+    """The PNG (or any format matplotlib writes) can be written: its folder exists, its suffix is known."""
+    from pathlib import Path
+
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = Path(out)
+    if not path.parent.is_dir():
+        raise UserError(f"--out {out}: folder {path.parent} does not exist; create it first")
+    if path.is_dir():
+        raise UserError(f"--out {out}: is a folder; give a file name such as {path / 'weights.png'}")
+    suffix = path.suffix.lower().lstrip(".")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if suffix and suffix not in formats:
+        raise UserError(f"--out {out}: unknown image format {suffix!r}; use one of {', '.join(sorted(formats))}")
 
 
 def _label(name: str, params: dict[str, Any]) -> str:
@@ -118,18 +166,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if not 0 < args.mu < 1:
             raise UserError(f"--mu must be in (0, 1), got {args.mu}")
-        if args.points < 3:
-            raise UserError(f"--points must be >= 3, got {args.points}")
+        if not 3 <= args.points <= MAX_POINTS:
+            raise UserError(f"--points must be in [3, {MAX_POINTS}], got {args.points}")
+        _check_out(args.out)
         from drpo_lightning.registry import OBJECTIVES
 
         params = _parse_params(args.param, args.objectives)
         objectives = []
         for name in args.objectives:
             cls = OBJECTIVES.get(name)
+            _check_param_types(cls, name, params[name])
             try:
                 objective = cls(**params[name])
             except (TypeError, ValueError) as err:
-                raise UserError(f"objective {name!r}: {err}") from err
+                given = " ".join(f"{name}.{k}={v!r}" for k, v in params[name].items())
+                raise UserError(f"objective {name!r}{f' (--param {given})' if given else ''}: "
+                                f"{_first_line(err)}") from err
             if getattr(objective, "requires_topk", 0):
                 print(
                     f"note: skipping {name} {params[name] or ''}: it needs the behaviour policy's top-K "

@@ -23,7 +23,7 @@ written to ``<out_dir>/<setting>/<objective>/seed<k>/config.yaml`` (the base wit
 A run is finished when its ``result.json`` exists and its saved ``config.yaml`` is still the grid's (edit the
 grid and the affected runs become *stale*: rerun, and never reported). ``run`` skips finished runs, so an
 interrupted sweep picks up where it stopped (a run cut off half-way starts again from scratch: its folder is
-cleared). A failed run (non-zero exit, or fewer rollouts logged than ``trainer.max_steps`` implies, as after a
+cleared). A failed run (non-zero exit, or stopped before the step ``trainer.max_steps`` sets, as after a
 SIGTERM) writes ``failed.json`` with the reason and the tail of its log and does not stop the others; the next
 ``run`` tries it again. One ``run`` at a time per ``out_dir`` (a lock file refuses a second; the ``drpo fit``
 processes of a killed sweep, and any process they fork, keep holding it until they end).
@@ -59,6 +59,9 @@ from drpo_lightning.errors import ConfigError
 __all__ = ["Grid", "Run", "load_grid", "main", "run_grid", "read_result"]
 
 BEFORE_RE = re.compile(r"held-out accuracy before training \(mean@\d+\): ([0-9.]+)")
+# What `drpo fit` prints when it ends: Lightning's own line at max_steps, RLCheckpoint's on a SIGTERM stop.
+MAX_STEPS_RE = re.compile(r"`Trainer\.fit` stopped: `max_steps=(\d+)` reached")
+SIGTERM_RE = re.compile(r"SIGTERM: saved the checkpoint of step (\d+)")
 
 
 @dataclass
@@ -220,15 +223,30 @@ def read_result(run: Run) -> dict[str, Any]:
     return json.loads(run.result_path.read_text())
 
 
+def _updates_per_rollout(config: dict[str, Any]) -> int:
+    model = config.get("model") or {}
+    return int(model.get("ppo_epochs", 1)) * int(model.get("num_minibatches", 1))
+
+
 def _expected_rollouts(config: dict[str, Any]) -> int | None:
-    """Rollout steps a finished run has logged: ``trainer.max_steps`` counts optimizer updates, and each
+    """Rollout steps a finished run has made: ``trainer.max_steps`` counts optimizer updates, and each
     rollout makes ``ppo_epochs * num_minibatches`` of them. None when the run is not bounded by max_steps."""
     max_steps = (config.get("trainer") or {}).get("max_steps")
     if not isinstance(max_steps, int) or max_steps <= 0:
         return None
-    model = config.get("model") or {}
-    updates = int(model.get("ppo_epochs", 1)) * int(model.get("num_minibatches", 1))
-    return math.ceil(max_steps / updates)
+    return math.ceil(max_steps / _updates_per_rollout(config))
+
+
+def _rollouts_reached(config: dict[str, Any], log_text: str, metrics: dict[str, list[list[float]]]) -> int:
+    """Rollout steps the run actually made. ``metrics.csv`` alone cannot tell: with
+    ``trainer.log_every_n_steps: k`` it holds every k-th rollout only, and the last may be missing. So the
+    optimizer step the run says it stopped at comes first (Lightning's "max_steps reached" line, or the step
+    of the checkpoint saved on SIGTERM); without either, the last logged rollout (steps count from 0)."""
+    updates = _updates_per_rollout(config)
+    reached = [math.ceil(int(m.group(1)) / updates) for m in (*MAX_STEPS_RE.finditer(log_text),
+                                                                 *SIGTERM_RE.finditer(log_text))]
+    reached += [int(step) + 1 for step, _ in metrics.get("reward", [])[-1:]]
+    return max(reached, default=0)
 
 
 def _failed(run: Run, rc: int, seconds: float, reason: str) -> str:
@@ -262,11 +280,13 @@ def execute(run: Run, threads: int, command: Sequence[str] | None = None, lock_f
     if rc != 0 or not metrics_csv.is_file():
         return _failed(run, rc, seconds, f"exit code {rc}" if rc else "no metrics.csv was written")
     metrics = read_metrics(metrics_csv)
-    expected, done = _expected_rollouts(run.config), len(metrics.get("reward", []))
-    if expected is not None and done != expected:
+    log_text = log_path.read_text(errors="replace")
+    expected = _expected_rollouts(run.config)
+    done = _rollouts_reached(run.config, log_text, metrics) if expected is not None else None
+    if expected is not None and done < expected:
         # `drpo fit` exits 0 after a SIGTERM (it saves and stops cleanly): a truncated run is not a result.
         return _failed(run, rc, seconds, f"stopped after {done} of {expected} rollouts")
-    before = BEFORE_RE.search(log_path.read_text(errors="replace"))
+    before = BEFORE_RE.search(log_text)
     result = {
         "name": run.name, "setting": run.setting, "objective": run.objective, "seed": run.seed,
         "seconds": round(seconds, 1),

@@ -66,6 +66,78 @@ def test_rloo_hand_values():
     assert a.tolist() == [1.5, -1.5, 0.0, 0.0]
 
 
+def test_group_estimators_declare_they_need_two_samples_per_prompt():
+    assert GRPOAdvantage.min_group_size == DrGRPOAdvantage.min_group_size == RLOOAdvantage.min_group_size == 2
+    assert ReinforcePlusPlusAdvantage.min_group_size == AdvantageEstimator.min_group_size == 1
+    assert ReinforcePlusPlusAdvantage.uses_lengths and not GRPOAdvantage.uses_lengths
+
+
+def reinforce_pp_reference(rewards, ids, lengths=None, epsilon=1e-6):
+    """REINFORCE++-baseline written out in Python floats: group baseline (0 for a lone sample), then whitening
+    with the token-weighted mean and unbiased token-weighted variance."""
+    rewards, ids = [float(r) for r in rewards], [int(k) for k in ids]
+    lengths = [1.0] * len(rewards) if lengths is None else [float(n) for n in lengths]
+    members: dict[int, list[float]] = {}
+    for r, k in zip(rewards, ids):
+        members.setdefault(k, []).append(r)
+    centred = [r - (sum(members[k]) / len(members[k]) if len(members[k]) > 1 else 0.0) for r, k in zip(rewards, ids)]
+    tokens = sum(lengths)
+    if tokens <= 1 or len(set(c for n, c in zip(lengths, centred) if n > 0)) <= 1:
+        return [0.0] * len(rewards)  # nothing to whiten
+    mean = sum(n * c for n, c in zip(lengths, centred)) / tokens
+    var = sum(n * (c - mean) ** 2 for n, c in zip(lengths, centred)) / (tokens - 1)
+    return [(c - mean) / (math.sqrt(var) + epsilon) for c in centred]
+
+
+def test_reinforce_pp_token_whitening_hand_values():
+    # A' = [.5, -.5, -.5, .5, 0, 0, 0, 0]; tokens [4, 1, 1, 4, 2, 2, 2, 2] = 18; token mean 3/18 = 1/6;
+    # deviations 1/3, -2/3, -2/3, 1/3, -1/6 x4; sum of n * dev^2 = 8/9 + 8/9 + 2/9 = 2; var 2/17.
+    lengths = torch.tensor([4, 1, 1, 4, 2, 2, 2, 2])
+    a = ReinforcePlusPlusAdvantage(epsilon=0.0)(R.double(), G, lengths=lengths)
+    k = math.sqrt(17 / 2)
+    expected = torch.tensor([k / 3, -2 * k / 3, -2 * k / 3, k / 3] + [-k / 6] * 4, dtype=torch.float64)
+    torch.testing.assert_close(a, expected, rtol=1e-12, atol=1e-12)
+    # The all-equal group moves with the token mean, as in the reference implementations (not 0).
+    assert a[4:].tolist() == [a[4].item()] * 4 and a[4] < -0.4
+    # A lone sample has baseline 0: A' = [3, .5, -.5], tokens [2, 1, 1], mean 6/4, var (4.5 + 1 + 4) / 3.
+    a = ReinforcePlusPlusAdvantage(epsilon=0.0)(torch.tensor([3.0, 1.0, 0.0], dtype=torch.float64),
+                                                torch.tensor([0, 1, 1]), lengths=torch.tensor([2, 1, 1]))
+    sd = math.sqrt(9.5 / 3)
+    torch.testing.assert_close(a, torch.tensor([1.5, -1.0, -2.0], dtype=torch.float64) / sd, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_reinforce_pp_matches_the_reference_formula(seed):
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [1, 3, 4, 1, 2, 5]
+    ids = torch.tensor([g * 7 for g, n in enumerate(sizes) for _ in range(n)])[torch.randperm(16, generator=gen)]
+    rewards = torch.randn(16, generator=gen, dtype=torch.float64)
+    rewards[ids == 14] = 0.25  # one all-equal group
+    lengths = torch.randint(0, 50, (16,), generator=gen)
+    for weights in (lengths, None):
+        expected = torch.tensor(reinforce_pp_reference(rewards, ids, weights), dtype=torch.float64)
+        out = ReinforcePlusPlusAdvantage()(rewards, ids, lengths=weights)
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+        out32 = ReinforcePlusPlusAdvantage()(rewards.float(), ids, lengths=weights)
+        assert out32.dtype == torch.float32
+        torch.testing.assert_close(out32.double(), expected, rtol=1e-5, atol=1e-5)
+    # No lengths is the same as one token each.
+    torch.testing.assert_close(ReinforcePlusPlusAdvantage()(rewards, ids),
+                               ReinforcePlusPlusAdvantage()(rewards, ids, lengths=torch.ones(16)), rtol=0, atol=0)
+
+
+def test_reinforce_pp_all_equal_values_and_bad_lengths():
+    est = ReinforcePlusPlusAdvantage(epsilon=0.0)
+    # Lone samples with equal rewards: A' all 0.1, whose weighted mean is not 0.1 bit for bit: exactly 0.
+    out = est(torch.full((3,), 0.1, dtype=torch.float64), torch.arange(3), lengths=torch.tensor([1, 2, 3]))
+    assert out.tolist() == [0.0, 0.0, 0.0]
+    assert est(torch.tensor([4.0]), torch.tensor([7]), lengths=torch.tensor([1])).tolist() == [0.0]
+    with pytest.raises(ValueError, match="lengths must be a tensor of shape"):
+        est(R, G, lengths=torch.ones(3))
+    with pytest.raises(ValueError, match="lengths must be finite token counts"):
+        est(R, G, lengths=torch.tensor([1.0, -1, 1, 1, 1, 1, 1, 1]))
+
+
 def test_reinforce_pp_hand_values():
     # group-centred: [.5, -.5, -.5, .5, 0, 0, 0, 0]; batch unbiased std = sqrt(1 / 7); .5 * sqrt(7)
     a = ReinforcePlusPlusAdvantage(epsilon=0.0)(R, G)
@@ -88,7 +160,11 @@ def test_constant_groups_give_exact_zero(cls):
         est = cls(epsilon=eps) if cls in (GRPOAdvantage, ReinforcePlusPlusAdvantage) else cls()
         a = est(r, g)
         assert torch.isfinite(a).all()
-        assert (a[:6] == 0).all()
+        if cls is ReinforcePlusPlusAdvantage:
+            # Shifted by the batch mean of the centred rewards, which is 0 up to rounding here.
+            assert (a[:6].abs() < 1e-15).all()
+        else:
+            assert (a[:6] == 0).all()
         assert (a[6:] != 0).all()
         # all groups constant -> all zero, no NaN even with epsilon 0
         a = est(torch.full((6,), 0.1), torch.tensor([0, 0, 0, 1, 1, 1]))
@@ -97,8 +173,13 @@ def test_constant_groups_give_exact_zero(cls):
 
 @pytest.mark.parametrize("cls", ALL)
 def test_singletons_and_empty(cls):
-    a = cls()(torch.tensor([3.0, -2.0, 5.0]), torch.tensor([0, 1, 2]))
-    assert a.tolist() == [0.0, 0.0, 0.0]
+    a = cls()(torch.tensor([3.0, -2.0, 5.0], dtype=torch.float64), torch.tensor([0, 1, 2]))
+    if cls is ReinforcePlusPlusAdvantage:
+        # baseline 0 for lone samples: [3, -2, 5] whitened, mean 2, unbiased variance 26 / 2
+        expected = [d / (math.sqrt(13) + 1e-6) for d in (1.0, -4.0, 3.0)]
+        torch.testing.assert_close(a, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    else:
+        assert a.tolist() == [0.0, 0.0, 0.0]
     a = cls()(torch.tensor([4.0]), torch.tensor([7]))
     assert a.tolist() == [0.0]
     a = cls()(torch.zeros(0), torch.zeros(0, dtype=torch.long))
@@ -142,7 +223,7 @@ def test_float64_matches_python_reference(cls):
     if cls is ReinforcePlusPlusAdvantage:
         m = sum(ref) / len(ref)
         sd = math.sqrt(sum((x - m) ** 2 for x in ref) / (len(ref) - 1))
-        ref = [x / (sd + 1e-6) for x in ref]
+        ref = [(x - m) / (sd + 1e-6) for x in ref]
     torch.testing.assert_close(out, torch.tensor(ref, dtype=torch.float64), rtol=1e-12, atol=1e-12)
 
 
@@ -203,6 +284,8 @@ def test_property_finite_and_zero_group_mean(groups):
             if len(set(vals)) == 1:
                 assert (sel == 0).all()
     a = ReinforcePlusPlusAdvantage()(rewards, ids)
+    torch.testing.assert_close(a, torch.tensor(reinforce_pp_reference(rewards, ids), dtype=torch.float64),
+                               rtol=1e-9, atol=1e-9)
     for k, vals in groups:
-        if len(set(vals)) == 1:
-            assert (a[ids == k] == 0).all()
+        if len(vals) > 1 and len(set(vals)) == 1:
+            assert (a[ids == k] == a[ids == k][0]).all()  # every all-equal group gets the same shift

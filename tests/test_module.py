@@ -7,6 +7,7 @@ import pytest
 import torch
 from rl_helpers import CountOnes
 
+from drpo_lightning.advantages.reinforce_pp import ReinforcePlusPlusAdvantage
 from drpo_lightning.data import PromptDataModule
 from drpo_lightning.errors import ConfigError
 from drpo_lightning.module import RLModule
@@ -98,6 +99,32 @@ def test_dppo_topk_gets_topk_inputs_from_the_rollout(tiny_model_dir, tmp_path):
     assert len(history.rewards) == 2
 
 
+class RecordingRollout(HFRollout):
+    """HFRollout that keeps the completion mask of its last batch."""
+
+    def generate(self, *args, **kwargs):
+        self.last = super().generate(*args, **kwargs)
+        return self.last
+
+
+class RecordingReinforcePP(ReinforcePlusPlusAdvantage):
+    """REINFORCE++ that keeps the token counts the trainer passed."""
+
+    def __call__(self, rewards, group_ids, lengths=None):
+        self.lengths = lengths
+        return super().__call__(rewards, group_ids, lengths=lengths)
+
+
+def test_an_estimator_that_uses_lengths_gets_the_completion_token_counts(tiny_model_dir, tmp_path):
+    rollout, advantage = RecordingRollout(max_new_tokens=4), RecordingReinforcePP()
+    module = RLModule(model_name_or_path=tiny_model_dir, rollout=rollout, advantage=advantage,
+                      rewards=[CountOnes()], num_generations=2, export_dir="")
+    fit(module, steps=1, tmp_path=tmp_path, batch_size=4)
+    expected = rollout.last.completion_mask.sum(-1)
+    assert advantage.lengths is not None and expected.shape == (8,)
+    torch.testing.assert_close(advantage.lengths.float(), expected.float(), rtol=0, atol=0)
+
+
 def test_inconsistent_minibatch_split_fails_before_the_model_loads(tiny_model_dir, tmp_path):
     module = RLModule(model_name_or_path=tiny_model_dir, num_generations=3, num_minibatches=2, export_dir="")
     with pytest.raises(ConfigError, match=r"data.batch_size \* model.num_generations = 5 \* 3 = 15"):
@@ -112,6 +139,10 @@ def test_inconsistent_minibatch_split_fails_before_the_model_loads(tiny_model_di
         ({"anchor": "pi_old"}, "model.anchor must be 'behavior' or 'recompute', got 'pi_old'"),
         ({"tis_cap": 2.0}, "model.tis_cap corrects pi_old/mu and needs model.anchor: recompute"),
         ({"kl_beta": -1.0}, "model.kl_beta must be >= 0, got -1.0"),
+        ({"kl_beta": float("nan")}, "model.kl_beta must be a finite number, got nan"),
+        ({"max_grad_norm": float("nan")}, "model.max_grad_norm must be a number or null, got nan"),
+        ({"num_generations": 1}, "model.num_generations: advantage 'grpo' compares the completions of a prompt"),
+        ({"optimizer": lambda p: torch.optim.SGD(p, lr=0.1, momentum=-1)}, "model.optimizer: Invalid momentum value"),
         ({"reward_weights": [1.0, 2.0]}, "model.reward_weights has 2 entries for 1 reward functions"),
         ({"model_name_or_path": "/nonexistent/model"}, "'/nonexistent/model' is not a local folder"),
     ],

@@ -26,6 +26,9 @@ _IN_REPO = Path(__file__).parent / "data" / "objective_cases.json"
 _SHARED = Path(__file__).parents[2] / "shared" / "reference" / "objective_cases.json"
 CASES_PATH = _IN_REPO if _IN_REPO.exists() else _SHARED
 CASES = [c for c in json.loads(CASES_PATH.read_text())["cases"] if c["objective"] != "spo"]
+# The reference DPPO values are those of the untruncated estimator (pi 0.01 / mu 0.0001 has r = 100, past the
+# default ratio_cap of 20): the cases pass ratio_cap=None explicitly, the cap has its own tests.
+REFERENCE_DEFAULTS = {"dppo": {"ratio_cap": None}}
 
 # (rtol, atol) per dtype; the atol only matters for gradients that are exactly zero.
 TOLERANCES = {torch.float32: (1e-5, 1e-6), torch.float64: (1e-9, 1e-12)}
@@ -38,6 +41,9 @@ ALL_CONFIGS = [
     ("dppo", {"divergence": "kl", "delta_low": 0.05, "delta_high": 0.05}),
     ("dppo", {"divergence": "tv", "ratio_cap": 2.0}),
     ("dppo", {"divergence": "topk", "topk": 3}),
+    ("dppo", {"divergence": "topk", "topk": 3, "topk_sampled_bucket": True}),
+    ("dppo", {"divergence": "topk_kl", "topk": 3, "delta_low": 0.05, "delta_high": 0.05}),
+    ("dppo", {"divergence": "tv", "ratio_cap": None}),
     ("ppo", {}),
     ("ppo", {"clip_low": 0.2, "clip_high": 0.28, "dual_clip": 3.0}),
 ]
@@ -72,7 +78,8 @@ def assert_value(actual: torch.Tensor, expected: float, dtype: torch.dtype) -> N
     ids=[f"{c['objective']}-{c['params']}-pi{c['pi']}-mu{c['mu']}-A{c['advantage']}" for c in CASES],
 )
 def test_reference_cases(case, dtype):
-    out, grad = one_token(case["objective"], case["params"], case["pi"], case["mu"], case["advantage"], dtype)
+    params = {**REFERENCE_DEFAULTS.get(case["objective"], {}), **case["params"]}
+    out, grad = one_token(case["objective"], params, case["pi"], case["mu"], case["advantage"], dtype)
     if case["loss"] is not None:
         assert_value(out.loss, case["loss"], dtype)
     assert_value(grad, case["grad"], dtype)
@@ -210,7 +217,8 @@ def _topk_inputs(pi_vocab, mu_vocab, sampled, k, dtype=torch.float64):
 
 
 def _hand_topk_tv(pi: list[float], mu: list[float], sampled: int, k: int) -> float:
-    """TV over {mu's top-K} | {sampled} | {everything else}, by enumerating the vocabulary."""
+    """TV over {mu's top-K} | {sampled} | {everything else} (the ``topk_sampled_bucket`` form), by enumerating
+    the vocabulary. The reference (Stable-RL) form is checked in tests/test_reference_parity.py."""
     top = sorted(range(len(mu)), key=lambda i: -mu[i])[:k]
     kept = set(top) | {sampled}
     other_pi = sum(p for i, p in enumerate(pi) if i not in kept)
@@ -246,7 +254,7 @@ def test_dppo_topk_hand_case(sampled, advantage, delta, expected_grad):
         2,
     )
     logprobs = inputs.pop("logprobs").requires_grad_()
-    objective = DPPO(divergence="topk", topk=2, delta_low=delta, delta_high=delta)
+    objective = DPPO(divergence="topk", topk=2, delta_low=delta, delta_high=delta, topk_sampled_bucket=True)
     assert objective.requires_topk == 2
     out = objective(
         logprobs=logprobs,
@@ -287,7 +295,10 @@ def test_dppo_topk_matches_float64_enumeration(dtype):
 
     inputs = _topk_inputs(pi_vocab, mu_vocab, sampled, k, dtype)
     logprobs = inputs.pop("logprobs").requires_grad_()
-    out = DPPO(divergence="topk", topk=k, delta_low=delta, delta_high=delta)(
+    objective = DPPO(
+        divergence="topk", topk=k, delta_low=delta, delta_high=delta, ratio_cap=None, topk_sampled_bucket=True
+    )
+    out = objective(
         logprobs=logprobs,
         advantages=advantages.to(dtype),
         mask=torch.ones(batch, length, dtype=dtype),
@@ -303,42 +314,46 @@ def test_dppo_topk_matches_float64_enumeration(dtype):
 
 
 def test_dppo_topk_requires_its_inputs():
-    objective = DPPO(divergence="topk", topk=3)
     args = {
         "logprobs": torch.zeros(1, 2),
         "old_logprobs": torch.zeros(1, 2),
         "advantages": torch.ones(1),
         "mask": torch.ones(1, 2),
     }
-    with pytest.raises(ValueError, match="topk_logprobs.*missing"):
-        objective(**args)
+    top = {"topk_logprobs": torch.zeros(1, 2, 3), "old_topk_logprobs": torch.zeros(1, 2, 3)}
+    ids = {
+        "topk_ids": torch.zeros(1, 2, 3, dtype=torch.long),
+        "token_ids": torch.zeros(1, 2, dtype=torch.long),
+    }
+    for divergence in ("topk", "topk_kl"):
+        with pytest.raises(
+            ValueError, match=r"needs the call arguments .*missing \['topk_logprobs', 'old_top"
+        ):
+            DPPO(divergence=divergence, topk=3)(**args)
+    # The reference form needs no ids; the sampled-bucket form needs both.
+    DPPO(divergence="topk", topk=3)(**args, **top)
+    sampled_bucket = DPPO(divergence="topk", topk=3, topk_sampled_bucket=True)
     with pytest.raises(ValueError, match=r"missing \['token_ids'\]"):
-        objective(
-            **args,
-            topk_logprobs=torch.zeros(1, 2, 3),
-            old_topk_logprobs=torch.zeros(1, 2, 3),
-            topk_ids=torch.zeros(1, 2, 3, dtype=torch.long),
+        sampled_bucket(**args, **top, topk_ids=ids["topk_ids"])
+    with pytest.raises(ValueError, match=r"old_topk_logprobs must be the shape of topk_logprobs \(1, 2, 3\)"):
+        sampled_bucket(
+            **args, **ids, topk_logprobs=top["topk_logprobs"], old_topk_logprobs=torch.zeros(1, 2, 4)
         )
-    with pytest.raises(ValueError, match=r"old_topk_logprobs must have the shape"):
-        objective(
-            **args,
-            topk_logprobs=torch.zeros(1, 2, 3),
-            old_topk_logprobs=torch.zeros(1, 2, 4),
-            topk_ids=torch.zeros(1, 2, 3, dtype=torch.long),
-            token_ids=torch.zeros(1, 2, dtype=torch.long),
+    with pytest.raises(ValueError, match=r"topk_ids must be the shape of topk_logprobs"):
+        sampled_bucket(
+            **args, **top, topk_ids=torch.zeros(1, 2, 4, dtype=torch.long), token_ids=ids["token_ids"]
         )
     with pytest.raises(ValueError, match=r"token_ids must be \[B, T\]"):
-        objective(
-            **args,
-            topk_logprobs=torch.zeros(1, 2, 3),
-            old_topk_logprobs=torch.zeros(1, 2, 3),
-            topk_ids=torch.zeros(1, 2, 3, dtype=torch.long),
-            token_ids=torch.zeros(2, dtype=torch.long),
+        sampled_bucket(**args, **top, topk_ids=ids["topk_ids"], token_ids=torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"topk_logprobs must be \[B, T, K\]"):
+        sampled_bucket(
+            **args, **ids, topk_logprobs=torch.zeros(1, 3, 3), old_topk_logprobs=torch.zeros(1, 3, 3)
         )
 
 
 def test_requires_topk_only_for_topk_divergence():
     assert DPPO(divergence="topk", topk=7).requires_topk == 7
+    assert DPPO(divergence="topk_kl", topk=5).requires_topk == 5
     assert DPPO(divergence="tv", topk=7).requires_topk == 0
     assert DRPO().requires_topk == 0 and PPO().requires_topk == 0
 
@@ -457,6 +472,19 @@ def test_drpo_gradient_beyond_the_clamp_is_zero_and_inside_is_exact():
         (PPO, {"dual_clip": 0.5}, "dual_clip"),
         (DRPO, {"loss_agg_mode": "mean"}, "loss_agg_mode"),
         (PPO, {"loss_agg_horizon": 0}, "loss_agg_horizon"),
+        (DPPO, {"topk_sampled_bucket": "yes"}, "topk_sampled_bucket"),
+        # Issue 13: NaN and inf are refused by name for every float argument (NaN slips through any
+        # comparison-based range check, inf through "> 0").
+        *(
+            (cls, {argument: value}, argument)
+            for cls, arguments in (
+                (DRPO, ("delta",)),
+                (DPPO, ("delta_low", "delta_high", "ratio_cap")),
+                (PPO, ("clip_low", "clip_high", "dual_clip")),
+            )
+            for argument in arguments
+            for value in (math.nan, math.inf, -math.inf)
+        ),
     ],
 )
 def test_bad_arguments_name_argument_and_value(cls, kwargs, argument):

@@ -114,6 +114,8 @@ class GRPOAdvantage(AdvantageEstimator):
         std_unbiased: True (default) divides the squared deviations by ``n - 1`` (Bessel), False by ``n``.
     """
 
+    min_group_size = 2  # a lone completion has no group to compare with: its advantage is 0
+
     def __init__(self, epsilon: float = 1e-6, std_unbiased: bool = True) -> None:
         self.epsilon = check_epsilon(epsilon)
         self.std_unbiased = bool(std_unbiased)

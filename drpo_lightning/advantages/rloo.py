@@ -16,6 +16,8 @@ from drpo_lightning.advantages.grpo import check_inputs, group_stats, output_dty
 class RLOOAdvantage(AdvantageEstimator):
     """``r - (mean of the other members of the group)``."""
 
+    min_group_size = 2  # a lone completion has no group to compare with: its advantage is 0
+
     def __call__(self, rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
         check_inputs(rewards, group_ids)
         stats = group_stats(rewards, group_ids)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from drpo_lightning.objectives.base import Objective, check_positive, clamped_ratio
+from drpo_lightning.objectives.dppo import check_finite
 
 
 class DRPO(Objective):
@@ -51,7 +52,7 @@ class DRPO(Objective):
       ``delta < 1``); both names are kept, one for each way of reading the number.
 
     Args:
-        delta: trust-region size ``delta > 0`` (in probability units).
+        delta: trust-region size ``delta > 0`` (in probability units), finite.
         loss_agg_mode: see :class:`~drpo_lightning.objectives.base.Objective`.
         loss_agg_horizon: see :class:`~drpo_lightning.objectives.base.Objective`.
     """
@@ -63,6 +64,7 @@ class DRPO(Objective):
         loss_agg_horizon: int | None = None,
     ) -> None:
         super().__init__(loss_agg_mode=loss_agg_mode, loss_agg_horizon=loss_agg_horizon)
+        check_finite("delta", delta)
         check_positive("delta", delta)
         self.delta = float(delta)
 

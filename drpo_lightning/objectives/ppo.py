@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from drpo_lightning.objectives.base import Objective, check_positive, clamped_ratio
+from drpo_lightning.objectives.dppo import check_finite
 
 
 class PPO(Objective):
@@ -36,7 +37,7 @@ class PPO(Objective):
     Args:
         clip_low: ``epsilon_low`` in ``(0, 1)``.
         clip_high: ``epsilon_high > 0``.
-        dual_clip: ``c > 1``; None turns dual-clip off.
+        dual_clip: ``c > 1``; None turns dual-clip off. (NaN and inf are refused for all three.)
         loss_agg_mode: see :class:`~drpo_lightning.objectives.base.Objective`.
         loss_agg_horizon: see :class:`~drpo_lightning.objectives.base.Objective`.
     """
@@ -50,6 +51,8 @@ class PPO(Objective):
         loss_agg_horizon: int | None = None,
     ) -> None:
         super().__init__(loss_agg_mode=loss_agg_mode, loss_agg_horizon=loss_agg_horizon)
+        for name, value in (("clip_low", clip_low), ("clip_high", clip_high), ("dual_clip", dual_clip)):
+            check_finite(name, value)
         if clip_low is None or not 0 < clip_low < 1:
             raise ValueError(f"clip_low must be in (0, 1), got {clip_low!r}")
         check_positive("clip_high", clip_high)

@@ -17,7 +17,15 @@ class RewardFunction(ABC):
 
     Return one float per completion. ``None`` means "cannot score this one"; the trainer's reward policy
     decides what happens then (see :mod:`drpo_lightning.rewards.combine`).
+
+    Declare the dataset columns the function cannot work without in :attr:`required_columns`: the data
+    module then checks every row for them before training starts.
     """
+
+    @property
+    def required_columns(self) -> tuple[str, ...]:
+        """Dataset columns every row must have for this function to score it (none by default)."""
+        return ()
 
     @abstractmethod
     def __call__(

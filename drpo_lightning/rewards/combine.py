@@ -6,7 +6,12 @@ completion when it
 - raises (all completions of the call fail),
 - runs longer than ``timeout`` seconds (all completions fail),
 - returns something that is not a sequence of ``N`` values (all completions fail), or
-- returns ``None``, NaN, ±inf or a non-number for that completion (only that completion fails).
+- returns ``None``, NaN, ±inf or a non-number for that completion (only that completion fails), or
+- returns a score that, times its weight, does not fit in float32 (beyond ±3.4e38: only that completion fails).
+
+Rewards are kept in float32, so a weighted sum of several functions that overflows float32 fails too: it is
+charged to the function with the largest weighted score of that completion (replaced by the fallback under
+``on_error="fallback"``, until the sum fits).
 
 ``on_error="raise"`` turns the first failure into a :class:`RewardError` whose one-line message names the
 plugin, what went wrong, and the first offending sample index with a short repr of its completion.
@@ -31,6 +36,8 @@ from typing import Any, Literal, NamedTuple, TypeVar
 import torch
 
 T = TypeVar("T")
+
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 _REPR_CHARS = 60
 
@@ -169,13 +176,13 @@ def compute_rewards(
             f"reward_weights has {len(weights)} entries but there are {len(functions)} reward functions; "
             "give one weight per reward function"
         )
-    if not all(math.isfinite(w) for w in weights):
-        raise ValueError(f"reward_weights must be finite numbers, got {weights}")
+    if not all(math.isfinite(w) and abs(w) <= FLOAT32_MAX for w in weights):
+        raise ValueError(f"reward_weights must be finite numbers within float32's range (+-3.4e38), got {weights}")
     if on_error not in ("raise", "fallback"):
         raise ValueError(f"on_error must be 'raise' or 'fallback', got {on_error!r}")
     fallback = float(fallback)
-    if not math.isfinite(fallback):
-        raise ValueError(f"fallback must be a finite number, got {fallback}")
+    if not (math.isfinite(fallback) and abs(fallback) <= FLOAT32_MAX):
+        raise ValueError(f"fallback must be a finite number within float32's range (+-3.4e38), got {fallback}")
     if timeout is not None and not timeout > 0:
         raise ValueError(f"timeout must be > 0 seconds or None, got {timeout}")
     n = len(completions)
@@ -189,8 +196,7 @@ def compute_rewards(
             raise ValueError(f"dataset column {key!r} has {len(col)} values for {n} completions")
 
     names = function_names(functions)
-    total = torch.zeros(n, dtype=torch.float64)
-    per_function: dict[str, torch.Tensor] = {}
+    used_scores: dict[str, torch.Tensor] = {}  # float64, fallbacks included
     num_fallbacks: dict[str, int] = {}
 
     def fail(name: str, what: str, index: int | None, cause: BaseException | None = None) -> None:
@@ -224,12 +230,38 @@ def compute_rewards(
             scores = [None] * n
         else:
             scores = [_as_score(v) for v in values]
-            if on_error == "raise":
-                for i, s in enumerate(scores):
-                    if s is None:
-                        fail(name, f"returned {short_repr(values[i], 30)} (not a finite number)", i)
-        used = torch.tensor([fallback if s is None else s for s in scores], dtype=torch.float64)
+            for i, s in enumerate(scores):
+                if s is None:
+                    what = "(not a finite number)"
+                elif abs(s) > FLOAT32_MAX or abs(weight * s) > FLOAT32_MAX:
+                    what = f"(times its weight {weight:g}: beyond float32's range, +-3.4e38)"
+                    scores[i] = None
+                else:
+                    continue
+                if on_error == "raise":
+                    fail(name, f"returned {short_repr(values[i], 30)} {what}", i)
+        used_scores[name] = torch.tensor([fallback if s is None else s for s in scores], dtype=torch.float64)
         num_fallbacks[name] = sum(s is None for s in scores)
-        per_function[name] = used.to(torch.float32)
-        total += weight * used
+
+    def weighted_total() -> torch.Tensor:
+        return sum(w * used_scores[name] for w, name in zip(weights, names))
+
+    total = weighted_total()
+    # Each weighted score fits float32, but their sum may not.
+    for i in torch.nonzero(total.abs() > FLOAT32_MAX).flatten().tolist():
+        overflow = (f"the weighted sum of the rewards ({', '.join(names)}) is {total[i].item():.3g} at sample {i} "
+                    f"(completion {short_repr(completions[i])}), beyond float32's range (+-3.4e38); lower "
+                    "model.reward_weights or the scores")
+        if on_error == "raise":
+            raise RewardError(_one_line(overflow))
+        candidates = dict(zip(names, weights))
+        while abs(total[i].item()) > FLOAT32_MAX:
+            if not candidates:  # even the fallback scores, weighted, overflow
+                raise RewardError(_one_line(overflow + " (and model.reward_fallback too)"))
+            culprit = max(candidates, key=lambda name: abs(candidates[name] * used_scores[name][i].item()))
+            del candidates[culprit]
+            used_scores[culprit][i] = fallback
+            num_fallbacks[culprit] += 1
+            total = weighted_total()
+    per_function = {name: used.to(torch.float32) for name, used in used_scores.items()}
     return RewardResult(total.to(torch.float32), per_function, num_fallbacks)

@@ -118,5 +118,9 @@ class ExactMatch(RewardFunction):
         answers = columns[self.answer_column]
         return [self._score(c, a) for c, a in zip(completions, answers)]
 
+    @property
+    def required_columns(self) -> tuple[str, ...]:
+        return (self.answer_column,)
+
     def __repr__(self) -> str:
         return f"ExactMatch(answer_column={self.answer_column!r}, mode={self.mode!r}, strip={self.strip})"

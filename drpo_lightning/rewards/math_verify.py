@@ -29,10 +29,10 @@ class _DropTimeoutNotice(logging.Filter):
 def _import_math_verify():
     try:
         import math_verify
-    except ImportError:
-        raise ImportError(
-            "the math_verify reward needs the math-verify package: pip install math-verify"
-        ) from None
+    except ImportError as err:
+        from drpo_lightning.models import missing_package
+
+        raise missing_package("reward 'math_verify' (model.rewards)", "math-verify", "math") from err
     for logger in ("math_verify.parser", "math_verify.grader"):
         log = logging.getLogger(logger)
         if not any(isinstance(f, _DropTimeoutNotice) for f in log.filters):
@@ -95,6 +95,10 @@ class MathVerify(RewardFunction):
             except TimeoutError:
                 scores.append(None)
         return scores
+
+    @property
+    def required_columns(self) -> tuple[str, ...]:
+        return (self.answer_column,)
 
     def __repr__(self) -> str:
         return f"MathVerify(answer_column={self.answer_column!r}, timeout_seconds={self.timeout_seconds})"

@@ -47,9 +47,11 @@ class SPO(Objective):
         token_loss = advantages.abs() * (ratio - 1).square() / (2 * self.epsilon) - advantages * ratio
         with torch.no_grad():
             weight = 1 - torch.sign(advantages) * (ratio - 1) / self.epsilon  # [B, T]
+            # where, not multiply: a padded position may hold any anchor (NaN included), and NaN * 0 = NaN.
+            weight = torch.where(mask > 0, weight, torch.zeros_like(weight))
             n = mask.sum().clamp(min=1)
             metrics = {
-                "spo/weight_mean": (weight * mask).sum() / n,
-                "spo/corrective_frac": ((weight < 0) * mask).sum() / n,
+                "spo/weight_mean": weight.sum() / n,
+                "spo/corrective_frac": ((weight < 0) & (mask > 0)).sum() / n,
             }
         return token_loss, metrics

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -13,22 +14,21 @@ from drpo_spo.objective import SPO
 from drpo_lightning.registry import OBJECTIVES
 from drpo_lightning.testing import check_objective
 
-# The three "spo" cases of shared/reference/objective_cases.json (float64 reference implementation): per-token
-# loss and d loss / d log pi_theta for one token, no aggregation.
-CASES = [
-    {"epsilon": 0.2, "pi": 0.7, "mu": 0.5, "advantage": 1, "loss": -1.0, "grad": 1.4},
-    {"epsilon": 0.2, "pi": 0.7, "mu": 0.5, "advantage": -1, "loss": 1.8, "grad": 4.2},
-    {"epsilon": 12.5, "pi": 0.01, "mu": 0.0001, "advantage": 1, "loss": 292.04, "grad": 692.0},
-]
+# Float64 reference values (per-token loss and d loss / d log pi_theta for one token, no aggregation), shipped
+# next to this file: the plugin's tests need nothing outside its own folder.
+CASES_FILE = Path(__file__).with_name("spo_cases.json")
+CASES = json.loads(CASES_FILE.read_text())["cases"]
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-9}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"eps{c['epsilon']}-pi{c['pi']}-A{c['advantage']}")
+@pytest.mark.parametrize(
+    "case", CASES, ids=lambda c: f"eps{c['params']['epsilon']}-pi{c['pi']}-A{c['advantage']}"
+)
 def test_reference_cases(case, dtype):
     z = torch.tensor([[math.log(case["pi"])]], dtype=dtype, requires_grad=True)
     y = torch.tensor([[math.log(case["mu"])]], dtype=dtype)
-    out = SPO(epsilon=case["epsilon"])(
+    out = SPO(**case["params"])(
         logprobs=z,
         old_logprobs=y,
         advantages=torch.tensor([case["advantage"]], dtype=dtype),
@@ -51,6 +51,31 @@ def test_weight_metric_and_finite_at_large_gaps():
     assert out.metrics["spo/corrective_frac"].item() == 1.0
     out.loss.backward()
     assert torch.isfinite(out.loss) and torch.isfinite(z.grad).all()
+
+
+def test_cases_match_the_drpo_lightning_reference():
+    """The shipped copy must not drift from the reference of the drpo-lightning tree this plugin sits in."""
+    for parent in Path(__file__).resolve().parents:
+        reference = parent / "tests" / "data" / "objective_cases.json"
+        if reference.is_file():
+            break
+    else:
+        pytest.skip("drpo-lightning's tests/data/objective_cases.json not found (plugin used on its own)")
+    expected = [c for c in json.loads(reference.read_text())["cases"] if c["objective"] == "spo"]
+    assert expected and expected == CASES
+
+
+def test_metrics_ignore_a_nan_anchor_on_padding():
+    # Padded positions may hold any log-prob; NaN * 0 is NaN, so the metrics must select, not multiply.
+    z = torch.tensor([[math.log(0.7), -1.0, -2.0]], requires_grad=True)
+    y = torch.tensor([[math.log(0.5), math.nan, math.inf]])
+    out = SPO(epsilon=0.2)(
+        logprobs=z, old_logprobs=y, advantages=torch.tensor([1.0]), mask=torch.tensor([[1.0, 0.0, 0.0]])
+    )
+    assert out.metrics["spo/weight_mean"].item() == pytest.approx(-1.0, rel=1e-5)
+    assert out.metrics["spo/corrective_frac"].item() == 1.0
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and z.grad[0, 1:].eq(0).all()
 
 
 def test_epsilon_must_be_positive():

@@ -1,0 +1,135 @@
+"""Resume as the README prints it, with the shipped configs as they are: no fixed ``dirpath``, the logger on,
+a new ``version_N`` folder per run. ``--ckpt_path last`` must find the run, continue it exactly, and never
+restart silently; a checkpoint never overrides the config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from rel_helpers import ROOT, assert_one_line_error
+from rel_resume import drpo, max_weight_diff, rewards
+
+QUICKSTART = ["fit", "--config", "configs/quickstart.yaml", "--seed_everything", "7"]
+RUN = Path("runs/quickstart/drpo")
+
+
+def test_readme_resume_on_quickstart_equals_the_uninterrupted_run(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    straight.mkdir(), split.mkdir()
+    assert drpo(straight, *QUICKSTART, "--trainer.max_steps", "4").returncode == 0
+    first = drpo(split, *QUICKSTART, "--trainer.max_steps", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = drpo(split, *QUICKSTART, "--trainer.max_steps", "4", "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {RUN}/version_0/checkpoints/last.ckpt (step 2)" in resumed.stderr
+    saved = torch.load(split / RUN / "version_1/checkpoints/last.ckpt", weights_only=True)
+    assert saved["global_step"] == 4
+    assert max_weight_diff(straight / RUN / "version_0/checkpoints/last.ckpt",
+                           split / RUN / "version_1/checkpoints/last.ckpt") <= 1e-6
+    # The resumed run drew the same prompts and samples: its rewards are the uninterrupted run's, at the same
+    # step numbers.
+    expected = rewards(straight / RUN / "version_0/metrics.csv")
+    assert rewards(split / RUN / "version_0/metrics.csv") == {s: expected[s] for s in (0, 1)}
+    assert rewards(split / RUN / "version_1/metrics.csv") == {s: expected[s] for s in (2, 3)}
+
+
+def test_ckpt_path_last_without_a_checkpoint_is_one_line_not_a_fresh_start(tmp_path):
+    result = drpo(tmp_path, *QUICKSTART, "--trainer.max_steps", "2", "--ckpt_path", "last")
+    assert_one_line_error(result.returncode, result.stderr, "ckpt_path: last: no last checkpoint in",
+                          "runs/quickstart/drpo")
+    assert not (tmp_path / "runs/quickstart/drpo/version_0/metrics.csv").exists()  # nothing trained
+
+
+def _sigterm_config(tmp_path: Path, call: int) -> Path:
+    """36 training rows in batches of 4 (9 batches an epoch), no validation; a second reward of weight 0
+    sends SIGTERM during its ``call``-th batch."""
+    data = tmp_path / "rows.jsonl"
+    if not data.exists():
+        rows = [{"prompt": f"{a}+{a + 7}=", "answer": str(2 * a + 7)} for a in range(10, 46)]
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = tmp_path / f"sigterm_{call}.yaml"
+    config.write_text(yaml.safe_dump({
+        "trainer": {"limit_val_batches": 0, "num_sanity_val_steps": 0},
+        "model": {
+            "rewards": [{"class_path": "exact_match", "init_args": {"answer_column": "answer"}},
+                        {"class_path": "rel_resume.SigtermAtCall", "init_args": {"call": call}}],
+            "reward_weights": [1.0, 0.0],
+        },
+        "data": {"task": None, "path": str(data), "batch_size": 4, "val_fraction": 0.0},
+    }))
+    return config
+
+
+def test_sigterm_on_the_last_batch_of_an_epoch_resumes_exactly(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    straight.mkdir(), split.mkdir()
+    steps = ["--trainer.max_steps", "12"]
+    done = drpo(straight, *QUICKSTART, "--config", str(_sigterm_config(tmp_path, 0)), *steps)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stopped = drpo(split, *QUICKSTART, "--config", str(_sigterm_config(tmp_path, 9)), *steps)
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    last = split / RUN / "version_0/checkpoints/last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 9  # stopped after the 9th of 9 batches
+    resumed = drpo(split, *QUICKSTART, "--config", str(_sigterm_config(tmp_path, 0)), *steps, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert max_weight_diff(straight / RUN / "version_0/checkpoints/last.ckpt",
+                           split / RUN / "version_1/checkpoints/last.ckpt") <= 1e-6
+    expected = rewards(straight / RUN / "version_0/metrics.csv")
+    assert rewards(split / RUN / "version_1/metrics.csv") == {s: expected[s] for s in (9, 10, 11)}
+
+
+def test_a_checkpoint_never_overrides_the_config(tmp_path):
+    """Its stored hyperparameters cannot switch trust_remote_code on, swap the model folder or undo the command
+    line; the changed training settings are named in one warning line; `last` and FILE behave the same."""
+    assert drpo(tmp_path, *QUICKSTART, "--trainer.max_steps", "1", "--trainer.num_sanity_val_steps", "0").returncode == 0
+    last = tmp_path / RUN / "version_0/checkpoints/last.ckpt"
+    # A folder whose config.json maps the model to its own Python file; running it leaves a marker.
+    evil = tmp_path / "evil_model"
+    evil.mkdir()
+    marker = tmp_path / "code_ran"
+    (evil / "config.json").write_text(json.dumps({
+        "model_type": "evil", "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.Evil"}}))
+    (evil / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    checkpoint = torch.load(last, weights_only=True)
+    checkpoint["hyper_parameters"].update(trust_remote_code=True, model_name_or_path=str(evil),
+                                          model_kwargs={"device_map": "meta"}, export_dir=str(tmp_path / "stolen"))
+    planted = tmp_path / "planted.ckpt"
+    torch.save(checkpoint, planted)
+    overrides = ["--trainer.max_steps", "2", "--trainer.num_sanity_val_steps", "0",
+                 "--model.num_generations", "4", "--model.kl_beta", "0.5"]
+    for ckpt in (str(planted), "last"):
+        if ckpt == "last":  # make the planted checkpoint the newest `last` of the run
+            planted.replace(last)
+        result = drpo(tmp_path, *QUICKSTART, *overrides, "--ckpt_path", ckpt)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert not marker.exists() and not (tmp_path / "stolen").exists()
+        warnings = [line for line in result.stderr.splitlines() if line.startswith("drpo: warning:")]
+        assert len(warnings) == 1
+        assert "model.num_generations 4 (checkpoint: 8)" in warnings[0]
+        assert "model.kl_beta 0.5 (checkpoint: 0.0)" in warnings[0]
+        runs = sorted((tmp_path / RUN).glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+        saved = yaml.safe_load((runs[-1] / "config.yaml").read_text())["model"]
+        assert (saved["num_generations"], saved["kl_beta"]) == (4, 0.5)
+        assert (saved["trust_remote_code"], saved["model_name_or_path"]) == (False, "quickstart")
+        assert torch.load(runs[-1] / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 2
+
+
+SHIPPED = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", SHIPPED)
+def test_every_shipped_config_checkpoints_atomically_with_last_and_sigterm(config):
+    """Fault-tolerant checkpointing in every config: RLCheckpoint (atomic, `last`, a save on SIGTERM) and,
+    for single-file checkpoints, AtomicCheckpointIO."""
+    trainer = yaml.safe_load((ROOT / "configs" / config).read_text())["trainer"]
+    callbacks = [c for c in trainer.get("callbacks") or [] if "Checkpoint" in c["class_path"]]
+    assert [c["class_path"] for c in callbacks] == ["drpo_lightning.checkpoint.RLCheckpoint"]
+    assert callbacks[0]["init_args"]["save_last"] is True
+    sharded = (trainer.get("strategy") or {}).get("init_args", {}).get("state_dict_type") == "sharded"
+    plugins = [p["class_path"] for p in trainer.get("plugins") or []]
+    # A sharded checkpoint is a folder: RLCheckpoint publishes it atomically itself.
+    assert sharded or "drpo_lightning.checkpoint.AtomicCheckpointIO" in plugins
