@@ -100,7 +100,16 @@ def _lightning_cli():
             given = config.get("ckpt_path")
             if given is None or given in ("best", "hpc", "registry"):
                 return
-            path = resume.find_last(self.trainer) if given == "last" else Path(given)
+            if given == "auto":  # a job script that is resubmitted (SLURM): resume when there is something to
+                try:
+                    path = resume.find_last(self.trainer)
+                except resume.NothingToResume:
+                    if self.trainer.is_global_zero:
+                        print("drpo: ckpt_path auto: no last checkpoint yet, starting a new run", file=sys.stderr)
+                    config["ckpt_path"] = None
+                    return
+            else:
+                path = resume.find_last(self.trainer) if given == "last" else Path(given)
             saved = resume.load_checkpoint_meta(path)
             resume.check_optimizer(saved, getattr(self.model, "optimizer_factory", None))
             conflicts = resume.setting_conflicts(saved.get("hyper_parameters") or {}, dict(self.model.hparams))
@@ -108,7 +117,7 @@ def _lightning_cli():
                 print(f"drpo: warning: resuming with settings that differ from the checkpoint's (the config "
                       f"wins, so the run does not continue exactly as the saved one): {'; '.join(conflicts)}",
                       file=sys.stderr)
-            if given == "last" and self.trainer.is_global_zero:
+            if given in ("last", "auto") and self.trainer.is_global_zero:
                 print(f"drpo: resuming from {resume.describe(path)} (step {saved['global_step']})", file=sys.stderr)
             config["ckpt_path"] = str(path)
 

@@ -620,20 +620,23 @@ class RLModule(pl.LightningModule):
         metrics["loss"].append(loss)
         metrics["grad_norm"].append(grad_norm.detach())
         finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
+        clipped_norm = None
         if finite and self.hparams.max_grad_norm is not None:
             # Clipping scales the gradient by max_norm / norm: a finite norm can still give a NaN gradient (a
             # NaN max_grad_norm set after the config check, a clipping bug), so measure what the optimizer
             # would apply. The norm is global (a collective on every rank, which all reach: `finite` agrees).
-            finite = bool(torch.isfinite(self._clip_grad_norm(float("inf"))))
+            clipped_norm = self._clip_grad_norm(float("inf"))
+            finite = bool(torch.isfinite(clipped_norm))
         if not finite:
             # A non-finite update would wreck the policy silently: skip it, count it, stop if it persists.
             optimizer.zero_grad(set_to_none=True)
             self.skipped_updates += 1
             self._consecutive_skips += 1
             if self._consecutive_skips >= self.hparams.max_consecutive_skips:
+                clipped = "" if clipped_norm is None else f", after clipping {float(clipped_norm):.4g}"
                 raise UserError(
                     f"{self._consecutive_skips} consecutive updates had a non-finite loss or gradient "
-                    f"(loss={float(loss):.4g}, grad_norm={float(grad_norm):.4g}); stopping. Lower the "
+                    f"(loss={float(loss):.4g}, grad_norm={float(grad_norm):.4g}{clipped}); stopping. Lower the "
                     "learning rate or check the rewards (model.max_consecutive_skips)"
                 )
             return

@@ -50,6 +50,10 @@ def checkpoint_folders(trainer: Any) -> list[Path]:
     return list(dict.fromkeys(folders))
 
 
+class NothingToResume(ConfigError):
+    """``ckpt_path: last`` found no checkpoint."""
+
+
 def find_last(trainer: Any) -> Path:
     """The newest ``last*.ckpt`` in :func:`checkpoint_folders` (by modification time, as Lightning picks)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -62,8 +66,8 @@ def find_last(trainer: Any) -> Path:
              if not p.name.startswith(".")]
     if not found:
         where = ", ".join(str(f) for f in folders)
-        raise ConfigError(f"ckpt_path: last: no last checkpoint in {where}; nothing to resume (leave out "
-                          "--ckpt_path to start a new run)")
+        raise NothingToResume(f"ckpt_path: last: no last checkpoint in {where}; nothing to resume (leave out "
+                              "--ckpt_path, or use --ckpt_path auto, to start a new run)")
     return max(found, key=lambda p: p.lstat().st_mtime)
 
 

@@ -560,7 +560,7 @@ class _Worker:
     def _generate(self, header: dict, tensors: dict[str, torch.Tensor]) -> None:
         t = int(header["t"])
         start = time.perf_counter()
-        torch.manual_seed(int(header["seed"]))
+        pass
         batch = self.engine.generate(
             self.model, tensors["prompt_ids"].to(self.device), tensors["prompt_mask"].to(self.device),
             num_generations=int(header["num_generations"]), eos_token_id=self.eos_token_id,

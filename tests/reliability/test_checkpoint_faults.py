@@ -180,3 +180,12 @@ def test_a_read_only_output_folder_is_one_line(tmp_path, monkeypatch, capsys):
                           "must be writable and have free space")
     monkeypatch.undo()
     assert (readonly / "old.ckpt").read_bytes() == b"kept"
+
+
+def test_ckpt_path_auto_starts_a_new_run_then_resumes(tmp_path, capsys):
+    """For a job script that is resubmitted (SLURM requeue): `auto` says what it does either way."""
+    assert main(fit_args(tmp_path, "--trainer.max_steps=1", "--ckpt_path=auto")) == 0
+    assert "drpo: ckpt_path auto: no last checkpoint yet, starting a new run" in capsys.readouterr().err
+    assert main(fit_args(tmp_path, "--trainer.max_steps=2", "--ckpt_path=auto")) == 0
+    assert f"drpo: resuming from {tmp_path / 'ckpt' / 'last.ckpt'} (step 1)" in capsys.readouterr().err
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 2

@@ -133,3 +133,31 @@ def test_every_shipped_config_checkpoints_atomically_with_last_and_sigterm(confi
     plugins = [p["class_path"] for p in trainer.get("plugins") or []]
     # A sharded checkpoint is a folder: RLCheckpoint publishes it atomically itself.
     assert sharded or "drpo_lightning.checkpoint.AtomicCheckpointIO" in plugins
+
+
+# The shipped configs that run on a CPU as they are (the GPU ones resolve `last` the same way: fixed dirpath).
+CPU_CONFIGS = {
+    "drpo_8bit.yaml": ("runs/8bit/drpo", []),
+    "drpo_int8_lora.yaml": ("runs/int8_lora/drpo", []),
+    "drpo_qlora.yaml": ("runs/qlora/drpo", []),
+    # Ships pointing at a local Qwen2.5 folder and 256-token answers: the quickstart policy stands in.
+    "reasoning_gym.yaml": ("runs/reasoning_gym/drpo", [
+        "--model.model_name_or_path", "quickstart", "--model.rollout.init_args.max_new_tokens", "8",
+        "--trainer.precision", "32-true", "--data.batch_size", "4", "--data.val_size", "8"]),
+}
+
+
+@pytest.mark.parametrize("config", sorted(CPU_CONFIGS))
+def test_ckpt_path_last_resumes_every_shipped_cpu_config(config, tmp_path):
+    if config == "reasoning_gym.yaml":
+        pytest.importorskip("drpo_reasoning_gym")
+    if config != "reasoning_gym.yaml":
+        pytest.importorskip("bitsandbytes")
+    run, extra = CPU_CONFIGS[config]
+    args = ["fit", "--config", f"configs/{config}", *extra, "--trainer.num_sanity_val_steps", "0"]
+    first = drpo(tmp_path, *args, "--trainer.max_steps", "1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = drpo(tmp_path, *args, "--trainer.max_steps", "2", "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {run}/version_0/checkpoints/last.ckpt (step 1)" in resumed.stderr
+    assert torch.load(tmp_path / run / "version_1/checkpoints/last.ckpt", weights_only=True)["global_step"] == 2
