@@ -57,7 +57,9 @@ class RLModule(pl.LightningModule):
         rewards: reward functions; their weighted sum is the reward of a completion. Default exact match.
         reward_weights: one weight per reward function (default 1 each).
         advantage: advantage estimator (default ``grpo``: group-normalised).
-        num_generations: completions sampled per prompt (the group size G).
+        num_generations: completions sampled per prompt (the group size G). Estimators that compare the
+            completions of a prompt (``grpo``, ``dr_grpo``, ``rloo``: ``min_group_size`` 2) refuse 1;
+            ``reinforce_pp`` takes 1 (baseline 0).
         ppo_epochs: passes over each rollout.
         num_minibatches: optimizer updates per pass; the B*G completions are split evenly.
         micro_batch_size: completions per forward/backward within a minibatch (gradient accumulation);
@@ -334,10 +336,14 @@ class RLModule(pl.LightningModule):
             return
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(
-            self.model_path, local_files_only=True, trust_remote_code=self.hparams.trust_remote_code
-        )
-        vocab = getattr(config.get_text_config(), "vocab_size", None)
+        try:
+            config = AutoConfig.from_pretrained(
+                self.model_path, local_files_only=True, trust_remote_code=self.hparams.trust_remote_code
+            )
+        except (OSError, ValueError):  # e.g. an adapter folder without config.json: topk fails at the first step
+            return
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        vocab = getattr(text_config, "vocab_size", None)
         if vocab is not None and wanted > int(vocab):
             name = type(self.objective).__name__
             key = "model.objective.init_args.topk" if hasattr(self.objective, "topk") else "model.objective"

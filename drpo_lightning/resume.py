@@ -113,31 +113,25 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def check_optimizer(saved: dict[str, Any], optimizer_factory: Any) -> None:
-    """The configured optimizer keeps the same kind of state as the checkpoint's optimizer.
+def optimizer_name(optimizer: Any) -> str:
+    cls = type(optimizer)
+    return f"{cls.__module__}.{cls.__qualname__}"
 
-    Compared by the names of the per-parameter state one step of the configured optimizer creates on a
-    throw-away parameter (AdamW: ``exp_avg``, ``exp_avg_sq``; SGD with momentum: ``momentum_buffer``; 8-bit
-    optimizers: ``state1``, ...). Sharing nothing but ``step`` means another optimizer family.
-    """
-    states = saved.get("optimizer_states") or []
-    stored_state = (states[0].get("state") or {}) if states and isinstance(states[0], dict) else {}
-    if not stored_state or optimizer_factory is None:
-        return  # no step was taken yet (or a sharded optimizer state): nothing to compare
-    stored = set(next(iter(stored_state.values())))
-    probe = torch.nn.Parameter(torch.zeros(8192))
+
+def check_optimizer(saved: dict[str, Any], optimizer_factory: Any) -> None:
+    """The configured optimizer is the class whose state the checkpoint holds (``RLCheckpoint`` records it):
+    AdamW's moments loaded into SGD would be silently meaningless or fail at the first step."""
+    stored = saved.get("drpo_optimizer")
+    if not stored or optimizer_factory is None:
+        return  # a checkpoint written without RLCheckpoint: Lightning's own loading decides
     try:
-        optimizer = optimizer_factory([probe])
-        probe.grad = torch.full_like(probe, 1e-3)
-        optimizer.step()
+        configured = optimizer_name(optimizer_factory([torch.nn.Parameter(torch.zeros(1))]))
     except Exception:  # a bad optimizer setting is reported by its own check
         return
-    configured = set(next(iter(optimizer.state.values()), {}))
-    if not (configured & stored) - {"step"}:
+    if configured != stored:
         raise ConfigError(
-            f"ckpt_path: the checkpoint's optimizer state ({', '.join(sorted(stored))}) is not what "
-            f"{type(optimizer).__name__} keeps ({', '.join(sorted(configured)) or 'nothing'}); resume with the "
-            "optimizer it was saved with (model.optimizer), or start a new run from its exported weights"
+            f"ckpt_path: the checkpoint holds the state of {stored} and model.optimizer is {configured}; resume "
+            "with the optimizer it was saved with, or start a new run from its exported weights"
         )
 
 

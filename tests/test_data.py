@@ -140,6 +140,62 @@ def test_folder_of_shards_and_val_path(tmp_path):
     assert f"{shards / 'b.jsonl'}:2" in message
 
 
+def test_rows_are_checked_for_the_columns_the_attached_modules_rewards_read(tmp_path):
+    from types import SimpleNamespace
+
+    from drpo_lightning.rewards.exact_match import ExactMatch
+    from drpo_lightning.rewards.format import FormatReward
+
+    items = rows(10)
+    items[7] = {"prompt": "7+7=", "solution": "14"}
+    path = write_jsonl(tmp_path / "p.jsonl", items)
+    dm = PromptDataModule(path=path, batch_size=2)
+    dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(rewards=[FormatReward(), ExactMatch()]))
+    with pytest.raises(DataError, match=re.escape(f"{path}:8: no 'answer' column, which reward 'exact_match' reads; "
+                                                  "columns of this row: ['prompt', 'solution']")):
+        dm.setup("fit")
+    # without a reward that reads it, the column is not needed
+    dm = PromptDataModule(path=path, batch_size=2)
+    dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(rewards=[FormatReward()]))
+    dm.setup("fit")
+    assert len(dm.train_dataset) + len(dm.val_dataset) == 10
+
+
+def test_shards_must_share_columns_but_rows_may_leave_optional_ones_out(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_jsonl(shards / "a.jsonl", [{"prompt": "1", "meta": 1}, {"prompt": "2"}])
+    write_jsonl(shards / "b.jsonl", [{"prompt": "3"}, {"prompt": "4", "meta": 2}])
+    assert len(setup_dm(path=str(shards), val_fraction=0).train_dataset) == 4
+    write_jsonl(shards / "c.jsonl", [{"prompt": "5"}, {"prompt": "6"}])
+    message = setup_error(path=str(shards))
+    assert message.startswith(f"{shards / 'c.jsonl'}:1: the shards of {shards} have different columns: c.jsonl has "
+                              "['prompt'], a.jsonl has ['meta', 'prompt'] (no 'meta')")
+
+
+def test_columns_named_like_the_reward_arguments_are_refused(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", rows(3) + [{"prompt": "x", "completions": ["y"]}])
+    assert setup_error(path=path).startswith(f"{path}:4: column 'completions' clashes with the 'completions' argument")
+    # ... unless it is the prompt column itself, which reaches the rewards as `prompts`
+    path = write_jsonl(tmp_path / "q.jsonl", [{"prompts": f"{i}+1="} for i in range(4)])
+    assert prompts(setup_dm(path=path, prompt_column="prompts", val_fraction=0).train_dataset)[0] == "0+1="
+
+
+def test_prompt_lengths_are_checked_with_file_lines_through_the_split(tmp_path):
+    items = rows(40)
+    items[5]["prompt"] = "x" * 50
+    items[31]["prompt"] = "y" * 60
+    path = write_jsonl(tmp_path / "p.jsonl", items)
+    dm = setup_dm(path=path, val_fraction=0.5, seed=1)
+    # training prompts are checked first, then held-out ones; either is named by its own line in the file
+    lines = {"x" * 50: 6, "y" * 60: 32}
+    first = next(p for p in prompts(dm.train_dataset) + prompts(dm.val_dataset) if p in lines)
+    assert prompts(dm.train_dataset)[0] != items[0]["prompt"] or prompts(dm.val_dataset), "the split moved rows"
+    with pytest.raises(DataError, match=re.escape(f"{path}:{lines[first]}: the prompt is {len(first)} tokens long")):
+        dm.check_prompt_lengths(lambda ps: [len(p) for p in ps], limit=49, batch=3)
+    dm.check_prompt_lengths(lambda ps: [len(p) for p in ps], limit=60)
+
+
 def test_max_prompts(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", rows(50))
     dm = setup_dm(path=path, val_fraction=0.1, max_prompts=7)

@@ -292,6 +292,17 @@ def test_outputs_have_no_grad_and_are_usable_in_training_forward():
         ({"top_k": -1}, "top_k"),
         ({"min_new_tokens": 9, "max_new_tokens": 8}, "min_new_tokens"),
         ({"precision": "int8"}, "precision"),
+        # a YAML null or .nan/.inf must be named too, not end in a TypeError from a comparison
+        ({"temperature": None}, "temperature must be a finite number, got None"),
+        ({"temperature": float("nan")}, "temperature must be a finite number, got nan"),
+        ({"temperature": float("inf")}, "temperature must be a finite number, got inf"),
+        ({"top_p": None}, "top_p must be a finite number, got None"),
+        ({"top_p": float("nan")}, "top_p must be a finite number, got nan"),
+        ({"max_new_tokens": None}, "max_new_tokens must be an integer, got None"),
+        ({"max_new_tokens": 2.5}, "max_new_tokens must be an integer, got 2.5"),
+        ({"min_new_tokens": None}, "min_new_tokens must be an integer, got None"),
+        ({"top_k": None}, "top_k must be an integer, got None"),
+        ({"temperature": True}, "temperature must be a finite number, got True"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_them(kwargs, name):

@@ -38,9 +38,11 @@ class RolloutEngine(ABC):
 
     def pause(self) -> None:
         """Stop starting new generations (called before weights are sent); in-flight ones may finish."""
+        return None
 
     def resume(self) -> None:
         """Start generating again after :meth:`pause`."""
+        return None
 
     @abstractmethod
     def generate(

@@ -550,17 +550,19 @@ class _Worker:
             _exit(f"{self.name}: {_one_line(err)}", 1)
 
     def _apply(self, header: dict, state: dict[str, torch.Tensor]) -> None:
+        self.engine.pause()  # between generations already; an engine with its own server must stop it here
         try:
             self.model.load_state_dict(state, strict=True)
         except RuntimeError as err:
             raise RuntimeError(f"the trainer's weights do not fit this worker's model: {_one_line(err)}") from err
+        self.engine.resume()
         self.version = int(header["version"])
         self.engine.load_weights(None, self.version)  # the weights live in self.model; the engine tracks v
 
     def _generate(self, header: dict, tensors: dict[str, torch.Tensor]) -> None:
         t = int(header["t"])
         start = time.perf_counter()
-        pass
+        torch.manual_seed(int(header["seed"]))
         batch = self.engine.generate(
             self.model, tensors["prompt_ids"].to(self.device), tensors["prompt_mask"].to(self.device),
             num_generations=int(header["num_generations"]), eos_token_id=self.eos_token_id,
