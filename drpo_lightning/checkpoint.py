@@ -228,14 +228,6 @@ class RLCheckpoint(ModelCheckpoint):
             warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
-    # -- the position in the data, as Lightning will read it back -----------------------------------------
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
-        settle_loop_position(checkpoint, trainer.num_training_batches)
-        if trainer.optimizers:  # so that a resume with another optimizer is refused up front (resume.py)
-            from drpo_lightning.resume import optimizer_name
-
-            checkpoint["drpo_optimizer"] = optimizer_name(trainer.optimizers[0])
-
     # -- SIGTERM ----------------------------------------------------------------------------------------
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if (

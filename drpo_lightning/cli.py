@@ -124,8 +124,12 @@ def _lightning_cli():
         def instantiate_trainer(self, **kwargs):
             # Lightning validates the Trainer's arguments only here, after the model is built: turn its
             # refusals (an unknown accelerator or strategy, devices=0, ...) into one line naming the key.
-            if self._get(self.config_init, "trainer", default={}) is None:
+            trainer = self._get(self.config_init, "trainer", default={})
+            if trainer is None:
                 raise ConfigError("trainer: is null; give a mapping of Trainer arguments or leave the key out")
+            from drpo_lightning.trainer_checks import check_trainer
+
+            check_trainer({**trainer, **kwargs})  # what Lightning accepts but cannot work with RLModule
             try:
                 return super().instantiate_trainer(**kwargs)
             except (ValueError, MisconfigurationException) as err:

@@ -28,10 +28,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torchmetrics import MeanMetric
 
 from drpo_lightning.advantages.base import AdvantageEstimator
+from drpo_lightning.checkpoint import settle_loop_position
 from drpo_lightning.errors import ConfigError, UserError
 from drpo_lightning.kl import KL_ESTIMATORS, kl_penalty
 from drpo_lightning.models import LoRA, Quantization, check_adapter_packages
 from drpo_lightning.objectives.base import Objective, aggregate
+from drpo_lightning.resume import optimizer_name
 from drpo_lightning.rewards.base import RewardFunction
 from drpo_lightning.rollouts.base import RolloutEngine
 from drpo_lightning.types import RolloutBatch
@@ -754,6 +756,15 @@ class RLModule(pl.LightningModule):
         # Lightning saves no RNG state: keep every rank's torch / CUDA / numpy / python states (a collective).
         checkpoint["drpo_rng_states"] = gather_rng_states(self.trainer if self._trainer is not None else None)
         self._keep_only_adapter_weights(checkpoint)
+        if self._trainer is not None:
+            settle_loop_position(checkpoint, self.trainer.num_training_batches)
+            if self.trainer.optimizers:  # a resume with another optimizer is then refused up front
+                checkpoint["drpo_optimizer"] = optimizer_name(self.trainer.optimizers[0])
+        # The KL reference is the frozen initial policy, reloaded from model_name_or_path: not worth a second
+        # copy of the model in every checkpoint, and a resume may turn the KL term on or off.
+        state = checkpoint.get("state_dict")
+        if isinstance(state, dict):
+            checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith("reference.")}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         counters = checkpoint.get("drpo_counters", {})
@@ -762,6 +773,12 @@ class RLModule(pl.LightningModule):
         self.initial_val_accuracy = counters.get("initial_val_accuracy")
         self._rng_to_restore = checkpoint.get("drpo_rng_states")
         self._check_adapter_weights(checkpoint)
+        state = checkpoint.get("state_dict")
+        if isinstance(state, dict):  # the reference is never restored from a checkpoint (see on_save_checkpoint)
+            state = {k: v for k, v in state.items() if not k.startswith("reference.")}
+            if self.reference is not None:
+                state.update({f"reference.{k}": v for k, v in self.reference.state_dict().items()})
+            checkpoint["state_dict"] = state
 
     def on_train_start(self) -> None:
         # RNG states from a checkpoint are applied here, right before the first resumed step, so nothing that

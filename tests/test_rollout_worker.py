@@ -60,8 +60,8 @@ def policy_of(model_dir: str) -> torch.nn.Module:
 
 def worker_source(model_dir: str, policy: torch.nn.Module, **kwargs) -> WorkerRolloutSource:
     kwargs = {"max_staleness": 0, "seed": 7, "timeout": 30.0, "start_timeout": 120.0, "threads": 1, **kwargs}
-    return WorkerRolloutSource(ENGINE, model_dir, policy.state_dict(), eos_token_id=EOS_ID, pad_token_id=PAD_ID,
-                               **kwargs)
+    return WorkerRolloutSource(ENGINE, model_dir, policy.state_dict(), eos_token_id=EOS_ID,
+                               pad_token_id=PAD_ID, **kwargs)
 
 
 def alive(pid: int) -> bool:
@@ -284,9 +284,11 @@ def test_a_bad_engine_config_fails_before_any_worker_starts(tiny_model_dir, monk
     started = []
     monkeypatch.setattr(WorkerRolloutSource, "_spawn", lambda self, *a: started.append(a))
     with pytest.raises(ConfigError, match="rollout worker engine: .*temperature must be > 0"):
-        WorkerRolloutSource({"temperature": 0.0}, tiny_model_dir, {}, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+        WorkerRolloutSource({"temperature": 0.0}, tiny_model_dir, {}, eos_token_id=EOS_ID,
+                            pad_token_id=PAD_ID)
     with pytest.raises(ConfigError, match="use gloo with cpu or nccl with a cuda device"):
-        WorkerRolloutSource(ENGINE, tiny_model_dir, {}, eos_token_id=EOS_ID, pad_token_id=PAD_ID, backend="nccl")
+        WorkerRolloutSource(ENGINE, tiny_model_dir, {}, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+                            backend="nccl")
     assert started == []
 
 
@@ -297,7 +299,8 @@ def test_two_seeded_runs_at_k1_give_identical_parameters(tiny_model_dir):
         rng = random.Random(run)  # different training delays per run: the worker's timing differs
         source = worker_source(tiny_model_dir, policy, max_staleness=1)
         try:
-            batches = train(source, policy, steps=4, k=1, pause=lambda t, rng=rng: time.sleep(rng.random() * 0.3))
+            batches = train(source, policy, steps=4, k=1,
+                            pause=lambda t, rng=rng: time.sleep(rng.random() * 0.3))
             metrics = source.metrics()
         finally:
             source.close()
@@ -316,8 +319,8 @@ def test_k0_through_the_worker_gives_the_in_process_update(tiny_model_dir):
     in_process = policy_of(tiny_model_dir)
 
     def generate(ids, mask, n, topk):
-        return engine.generate(in_process, ids, mask, num_generations=n, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
-                               topk=topk)
+        return engine.generate(in_process, ids, mask, num_generations=n, eos_token_id=EOS_ID,
+                               pad_token_id=PAD_ID, topk=topk)
 
     local = train(InProcessRolloutSource(generate, seed=7), in_process, steps=3, k=0)
     through_worker = policy_of(tiny_model_dir)
@@ -427,3 +430,51 @@ def test_a_worker_started_by_hand_serves_a_trainer(tiny_model_dir, monkeypatch):
     finally:
         worker.kill()
         worker.wait()
+
+
+def test_two_trainer_ranks_each_with_a_worker_share_rank0s_broadcast(tiny_model_dir):
+    """As under DDP: each rank samples its own prompts in its own worker; only rank 0 sends weights, once, to
+    both workers over one group (rank r's sync only announces the version to its worker)."""
+    policy = policy_of(tiny_model_dir)
+    sender = WeightSender(2, timeout=30.0)
+    sources: dict[int, WorkerRolloutSource] = {}
+    errors: list[BaseException] = []
+
+    def start(rank: int) -> None:  # the ranks start their sources at the same time, as DDP ranks would
+        try:
+            if rank == 0:
+                sources[0] = worker_source(tiny_model_dir, policy, max_staleness=1, weight_sender=sender)
+            else:
+                join = (sender.address, rank + 1, 3)
+                sources[rank] = worker_source(tiny_model_dir, policy, max_staleness=1, join_group=join)
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=start, args=(r,)) for r in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(180)
+    try:
+        assert not errors and set(sources) == {0, 1}, errors
+        assert sources[1].name == "rollout worker 2" and sources[1].sync_address is None
+        for rank, source in sources.items():
+            source.submit(0, *prompts(2 * rank), G)
+            source.submit(1, *prompts(2 * rank + 1), G)
+        with torch.no_grad():
+            for p in policy.parameters():
+                p.add_(0.01)
+        sources[1].sync(policy.state_dict(), 1)  # announces; rank 0's broadcast below delivers
+        sources[0].sync(policy.state_dict(), 1)
+        for rank, source in sources.items():
+            source.submit(2, *prompts(2 * rank + 4), G)
+            got = [source.get(t) for t in range(3)]
+            assert [int(b.policy_version[0]) for b in got] == [0, 0, 1], rank
+            theirs = source.fetch_weights()
+            for name, tensor in policy.state_dict().items():
+                assert torch.equal(theirs[name], tensor), (rank, name)
+        assert sources[0].metrics()["rollout/sync_s"] > 0 and sources[1].metrics()["rollout/sync_s"] == 0
+    finally:
+        for source in sources.values():
+            source.close()
+        sender.close()

@@ -105,7 +105,8 @@ class StalenessMeter:
         """A batch sampled with sync ``sampled_with`` is taken by a trainer holding sync ``trainer_at``."""
         staleness = int(trainer_at) - int(sampled_with)
         if staleness < 0:
-            raise RuntimeError(f"a batch sampled with sync {sampled_with} reached a trainer at sync {trainer_at}")
+            raise RuntimeError(f"a batch sampled with sync {sampled_with} reached a trainer at sync "
+                               f"{trainer_at}")
         self._staleness.append(staleness)
         self.max_seen = max(self.max_seen, staleness)
         self._wait_s += wait_s

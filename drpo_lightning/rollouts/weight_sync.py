@@ -153,8 +153,8 @@ class WeightSender(_Endpoint):
             self.group = _make_group(self.store, 0, self.world_size, self.timeout, self.backend)
         except Exception as err:
             raise WeightSyncError(
-                f"{self._who()}: did not join the weight-sync group at {self.address} within {self.timeout:g} s "
-                f"({_first_line(err)})"
+                f"{self._who()}: did not join the weight-sync group at {self.address} within "
+                f"{self.timeout:g} s ({_first_line(err)})"
             ) from err
 
     def send(self, state_dict: dict[str, torch.Tensor], version: int) -> float:
@@ -164,7 +164,8 @@ class WeightSender(_Endpoint):
         layout = layout_of(state_dict)
         tensors = list(state_dict.values())
         total = sum(_nbytes(d, s) for _, d, s in layout)
-        header = torch.tensor([_MAGIC, int(version), total, len(layout)], dtype=torch.int64, device=self.device)
+        header = torch.tensor([_MAGIC, int(version), total, len(layout)], dtype=torch.int64,
+                              device=self.device)
         self._broadcast(header, f"sending the header of weights v{version}")
         for bucket in _buckets(layout, self.bucket_bytes):
             parts = [tensors[i].detach().contiguous().reshape(-1).view(torch.uint8) for i in bucket]
@@ -176,8 +177,8 @@ class WeightSender(_Endpoint):
 class WeightReceiver(_Endpoint):
     """A worker's end of the weight-sync group (rank ``rank`` >= 1)."""
 
-    def __init__(self, address: str, rank: int, world_size: int, *, timeout: float = 120.0, backend: str = "gloo",
-                 device: torch.device | str = "cpu", name: str | None = None,
+    def __init__(self, address: str, rank: int, world_size: int, *, timeout: float = 120.0,
+                 backend: str = "gloo", device: torch.device | str = "cpu", name: str | None = None,
                  bucket_bytes: int = 256 * 2**20) -> None:
         super().__init__(rank, world_size, timeout, backend, device)
         self.name = name or f"rollout worker {rank}"
@@ -190,7 +191,8 @@ class WeightReceiver(_Endpoint):
     def connect(self) -> None:
         host, _, port = self.address.rpartition(":")
         try:
-            store = dist.TCPStore(host, int(port), is_master=False, timeout=datetime.timedelta(seconds=self.timeout))
+            store = dist.TCPStore(host, int(port), is_master=False,
+                                  timeout=datetime.timedelta(seconds=self.timeout))
             self.group = _make_group(store, self.rank, self.world_size, self.timeout, self.backend)
         except Exception as err:
             raise WeightSyncError(

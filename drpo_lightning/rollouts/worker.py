@@ -152,7 +152,7 @@ class RolloutSource(ABC):
 
     @abstractmethod
     def get(self, t: int) -> RolloutBatch:
-        """The completions of batch ``t`` (CPU tensors, ``policy_version`` set), waiting for them if needed."""
+        """The completions of batch ``t`` (CPU tensors, ``policy_version`` set); waits for them."""
 
     @abstractmethod
     def sync(self, state_dict: dict[str, torch.Tensor] | None, version: int) -> None:
@@ -182,13 +182,13 @@ class InProcessRolloutSource(RolloutSource):
     sources give the same tokens for the same weights.
     """
 
-    def __init__(self, generate: Callable[..., RolloutBatch], *, max_staleness: int = 0, seed: int | None = None,
-                 version: int = 0) -> None:
+    def __init__(self, generate: Callable[..., RolloutBatch], *, max_staleness: int = 0,
+                 seed: int | None = None, version: int = 0) -> None:
         super().__init__()
         if max_staleness != 0:
             raise ConfigError(
-                f"rollout max_staleness = {max_staleness} needs a rollout worker: the in-process engine samples "
-                "with the trainer's own, current weights (set max_staleness: 0 or use a worker)"
+                f"rollout max_staleness = {max_staleness} needs a rollout worker: the in-process engine "
+                "samples with the trainer's own, current weights (set max_staleness: 0 or use a worker)"
             )
         self.generate = generate
         self.seed = seed
@@ -245,24 +245,33 @@ class WorkerRolloutSource(RolloutSource):
             GPUs; the trainer's side on ``trainer_device``).
         trainer_device: where the trainer stages the weights it sends (a CUDA device for ``nccl``).
         threads: torch CPU threads of the worker (None: torch's default).
+        name: what errors call the worker (default ``rollout worker <its rank in the weight-sync group>``).
         log_path: file the spawned worker's output goes to (default: a temporary file).
+        weight_sender: with several trainer ranks, rank 0 passes the :class:`WeightSender` it made for all
+            of their workers (``num_workers`` = the number of ranks) and broadcasts ``sender.address`` to
+            them; its own worker is rank 1 of that group. The source takes ownership (closes it).
+        join_group: on trainer rank r > 0: ``(rank 0's sender.address, r + 1, num_ranks + 1)``: this rank's
+            worker joins rank 0's group and receives rank 0's broadcasts; :meth:`sync` here only tells the
+            worker the layout and version (it needs the state dict or its layout, not a send).
     """
 
     def __init__(self, engine: dict[str, Any], model_path: str, policy_state_dict: dict[str, torch.Tensor], *,
                  max_staleness: int = 0, seed: int = 0, eos_token_id: int | list[int], pad_token_id: int,
                  version: int = 0, device: str = "cpu", model_kwargs: dict[str, Any] | None = None,
-                 timeout: float = 120.0, start_timeout: float | None = None, spawn: bool = True, host: str = "127.0.0.1", port: int = 0,
-                 backend: str = "gloo", trainer_device: str = "cpu", threads: int | None = None,
-                 name: str = "rollout worker 1", log_path: str | None = None) -> None:
+                 timeout: float = 120.0, start_timeout: float | None = None, spawn: bool = True,
+                 host: str = "127.0.0.1", port: int = 0, backend: str = "gloo", trainer_device: str = "cpu",
+                 threads: int | None = None, name: str | None = None, log_path: str | None = None,
+                 weight_sender: WeightSender | None = None,
+                 join_group: tuple[str, int, int] | None = None) -> None:
         from drpo_lightning.rollouts.hf import HFRollout
 
         super().__init__()
         if max_staleness < 0:
             raise ConfigError(f"rollout max_staleness must be >= 0, got {max_staleness}")
-        if backend not in ("gloo", "nccl") or (backend == "nccl") != torch.device(trainer_device).type.startswith(
-                "cuda"):
-            raise ConfigError(f"rollout worker weight sync: backend {backend!r} with the trainer's weights on "
-                              f"{trainer_device!r}; use gloo with cpu or nccl with a cuda device")
+        on_gpu = torch.device(trainer_device).type == "cuda"
+        if backend not in ("gloo", "nccl") or (backend == "nccl") != on_gpu:
+            raise ConfigError(f"rollout worker weight sync: backend {backend!r} with the trainer's weights "
+                              f"on {trainer_device!r}; use gloo with cpu or nccl with a cuda device")
         try:
             HFRollout(**engine)  # the worker would build the same engine: fail here, before it starts
         except (TypeError, ValueError) as err:
@@ -271,7 +280,16 @@ class WorkerRolloutSource(RolloutSource):
         self.seed = int(seed)
         self.timeout = float(timeout)
         self.start_timeout = float(start_timeout if start_timeout is not None else timeout)
-        self.name = name
+        if weight_sender is not None and join_group is not None:
+            raise ValueError("give weight_sender (trainer rank 0) or join_group (other ranks), not both")
+        if join_group is not None:
+            group_host, _, group_port = join_group[0].rpartition(":")
+            worker_rank, world_size = int(join_group[1]), int(join_group[2])
+        else:
+            worker_rank = 1
+            world_size = weight_sender.world_size if weight_sender is not None else 2
+            group_host = weight_sender.host if weight_sender is not None else None  # None: the trainer's host
+        self.name = name or f"rollout worker {worker_rank}"
         self.versions = [int(version)]
         self.process: subprocess.Popen | None = None
         self.channel: _Channel | None = None
@@ -281,13 +299,18 @@ class WorkerRolloutSource(RolloutSource):
         self._closed = False
         key_hex = os.environ.get(KEY_ENV)
         if not spawn and not key_hex:
-            raise ConfigError(f"a rollout worker started by hand needs the same secret in {KEY_ENV} on both sides")
+            raise ConfigError(f"a rollout worker started by hand needs the same secret in {KEY_ENV} on both "
+                              "sides")
         key = bytes.fromhex(key_hex) if key_hex else secrets.token_bytes(32)
         server = socket.create_server((host, port))
         self.address = f"{host}:{server.getsockname()[1]}"
         try:
-            self.sender = WeightSender(1, host=host, timeout=self.timeout, backend=backend, device=trainer_device,
-                                       names=[name])
+            if join_group is None:
+                self.sender = weight_sender or WeightSender(
+                    1, host=host, timeout=self.timeout, backend=backend, device=trainer_device,
+                    names=[self.name],
+                )
+                group_port = self.sender.store.port
             if spawn:
                 self._spawn(key, log_path)
             self.channel = self._accept(server, key)
@@ -295,11 +318,13 @@ class WorkerRolloutSource(RolloutSource):
             self.worker_pid = int(hello.get("pid", -1))
             self._send({"op": "init", "model_path": str(model_path), "model_kwargs": model_kwargs or {},
                         "engine": engine, "max_staleness": self.max_staleness, "eos_token_id": eos_token_id,
-                        "pad_token_id": int(pad_token_id), "device": device, "threads": threads, "name": name,
-                        "sync": {"port": self.sender.store.port, "rank": 1, "world_size": 2, "backend": backend,
-                                 "timeout": self.timeout}})
+                        "pad_token_id": int(pad_token_id), "device": device, "threads": threads,
+                        "name": self.name, "sync": {"host": group_host, "port": int(group_port),
+                                                    "rank": worker_rank, "world_size": world_size,
+                                                    "backend": backend, "timeout": self.timeout}})
             self._recv("loading the model", self.start_timeout)
-            self.sender.connect()
+            if self.sender is not None:
+                self.sender.connect()  # rank 0: waits until every rank's worker has joined
             self._send_weights(policy_state_dict, int(version), 0)
         except BaseException:
             _stop(self.process, self.channel)
@@ -332,7 +357,7 @@ class WorkerRolloutSource(RolloutSource):
             if left <= 0:
                 raise RolloutWorkerError(
                     f"{self.name} did not connect to {self.address} within {self.start_timeout:g} s"
-                    + ("" if self.process else f" (start it with: drpo rollout-worker --trainer {self.address})")
+                    + ("" if self.process else f" (start one: drpo rollout-worker --trainer {self.address})")
                 )
             if select.select([server], [], [], min(left, 0.2))[0]:
                 sock, _ = server.accept()
@@ -358,7 +383,8 @@ class WorkerRolloutSource(RolloutSource):
         last = ""
         log_path = getattr(self, "log_path", None)
         if log_path and Path(log_path).is_file():
-            lines = [ln.strip() for ln in Path(log_path).read_text(errors="replace").splitlines() if ln.strip()]
+            text = Path(log_path).read_text(errors="replace")
+            lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
             if lines:
                 last = f"; its last output: {lines[-1][:200]}"
         return f"{self._who()} {how} while {doing}{last}"
@@ -401,9 +427,10 @@ class WorkerRolloutSource(RolloutSource):
             self.channel.sock.settimeout(None)
 
     def _send_weights(self, state_dict: dict[str, torch.Tensor], version: int, index: int) -> None:
-        assert self.sender is not None
         self._send({"op": "sync", "index": index, "version": version, "layout": layout_of(state_dict)},
                    doing=f"announcing weights v{version}")
+        if self.sender is None:
+            return  # another trainer rank (rank 0) broadcasts them
         try:
             seconds = self.sender.send(state_dict, version)
         except UserError as err:
@@ -417,8 +444,9 @@ class WorkerRolloutSource(RolloutSource):
         need = weights_for_batch(t, self.max_staleness)
         if self.synced > need:
             raise RuntimeError(
-                f"batch {t} submitted after sync {self.synced}: with max_staleness={self.max_staleness} it must "
-                f"be sampled with sync {need}, so submit it before the trainer syncs the weights after batch {need}"
+                f"batch {t} submitted after sync {self.synced}: with max_staleness={self.max_staleness} it "
+                f"must be sampled with sync {need}, so submit it before the trainer syncs the weights after "
+                f"batch {need}"
             )
         self._submitted.add(t)
         self._send({"op": "generate", "t": int(t), "num_generations": int(num_generations), "topk": int(topk),
@@ -428,10 +456,11 @@ class WorkerRolloutSource(RolloutSource):
     def get(self, t: int) -> RolloutBatch:
         if t not in self._submitted:
             raise RuntimeError(f"batch {t} was never submitted")
-        if weights_for_batch(t, self.max_staleness) > self.synced:
+        need = weights_for_batch(t, self.max_staleness)
+        if need > self.synced:
             raise RuntimeError(
-                f"batch {t} is sampled with the weights after sync {weights_for_batch(t, self.max_staleness)} "
-                f"(max_staleness={self.max_staleness}) but the trainer has sent {self.synced}: it would wait forever"
+                f"batch {t} is sampled with the weights after sync {need} (max_staleness="
+                f"{self.max_staleness}) but the trainer has sent {self.synced}: it would wait forever"
             )
         start = time.perf_counter()
         while t not in self._results:
@@ -447,9 +476,15 @@ class WorkerRolloutSource(RolloutSource):
         self.meter.record_batch(sampled_with, self.synced, time.perf_counter() - start)
         return RolloutBatch(**tensors)
 
+    @property
+    def sync_address(self) -> str | None:
+        """Address of the weight-sync group this source hosts (None on ranks that join one)."""
+        return self.sender.address if self.sender is not None else None
+
     def sync(self, state_dict: dict[str, torch.Tensor] | None, version: int) -> None:
         if state_dict is None:
-            raise ValueError("a rollout worker needs the trainer's full state dict at every sync")
+            raise ValueError("a rollout worker needs the trainer's full state dict (or, on ranks > 0, a dict "
+                             "with its names, dtypes and shapes) at every sync")
         self.synced += 1
         self.versions.append(int(version))
         self._send_weights(state_dict, int(version), self.synced)
@@ -520,10 +555,14 @@ class _Worker:
         disable_dropout(self.model)
         self.model.eval()
         sync = init["sync"]
-        # The store listens next to the trainer's control port: reach it at the host this worker dialled.
-        self.receiver = WeightReceiver(f"{trainer_host}:{int(sync['port'])}", int(sync["rank"]), int(sync["world_size"]),
-                                       timeout=float(sync["timeout"]), backend=sync["backend"],
-                                       device="cpu" if sync["backend"] == "gloo" else self.device, name=self.name)
+        # By default the store listens next to the trainer's control port, at the host this worker dialled.
+        self.receiver = WeightReceiver(
+            f"{sync.get('host') or trainer_host}:{int(sync['port'])}",
+            int(sync["rank"]),
+            int(sync["world_size"]),
+            timeout=float(sync["timeout"]), backend=sync["backend"],
+            device="cpu" if sync["backend"] == "gloo" else self.device, name=self.name,
+        )
         self.synced = -1  # no weights from the trainer yet: the folder's weights are never sampled with
         self.version = 0
         self.inbox: queue.Queue = queue.Queue()
@@ -554,7 +593,8 @@ class _Worker:
         try:
             self.model.load_state_dict(state, strict=True)
         except RuntimeError as err:
-            raise RuntimeError(f"the trainer's weights do not fit this worker's model: {_one_line(err)}") from err
+            message = f"the trainer's weights do not fit this worker's model: {_one_line(err)}"
+            raise RuntimeError(message) from err
         self.engine.resume()
         self.version = int(header["version"])
         self.engine.load_weights(None, self.version)  # the weights live in self.model; the engine tracks v

@@ -48,7 +48,7 @@ SCENARIOS = [
      ["model.objective: unknown objective 'drpoo'; available: ", "drpo (drpo-lightning"]),
     ("unknown-reward", ["--model.rewards=[exact_matsh]"], ["model.rewards: unknown reward 'exact_matsh'"]),
     ("unknown-advantage", ["--model.advantage=grpoo"], ["model.advantage: unknown advantage 'grpoo'"]),
-    ("unknown-rollout", ["--model.rollout=vllm"], ["model.rollout: unknown rollout 'vllm'; available: hf"]),
+    ("unknown-rollout", ["--model.rollout=vlm"], ["model.rollout: unknown rollout 'vlm'; available: hf"]),
     ("unknown-plugin-option", ["--model.objective.init_args.deltaa=1"], ["model.objective:", "'deltaa'"]),
     ("wrong-type-cli", ["--model.num_generations=eight"], ["model.num_generations:", "eight"]),
     ("wrong-type-yaml", ["--config", "{d}/wrong_type.yaml"], ["data.batch_size:", "many"]),

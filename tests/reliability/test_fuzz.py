@@ -135,7 +135,10 @@ def test_advantages_do_not_depend_on_order_labels_or_a_per_group_offset(data, se
     rewards, ids = data
     perm = torch.randperm(rewards.numel(), generator=torch.Generator().manual_seed(seed))
     relabelled = torch.tensor(labels)[ids]  # any distinct integers, unsorted, negative
-    shifted = rewards + torch.tensor(shifts, dtype=torch.float64)[ids]
+    # A sample alone in its group has no group mean to subtract (REINFORCE++ then uses its raw reward, as the
+    # reference does), so only groups of two or more are shifted.
+    alone = torch.bincount(ids)[ids] == 1
+    shifted = rewards + torch.tensor(shifts, dtype=torch.float64)[ids].masked_fill(alone, 0.0)
     for estimator in ESTIMATORS:
         base = estimator(rewards, ids)
         assert base.dtype == torch.float64 and torch.isfinite(base).all(), estimator

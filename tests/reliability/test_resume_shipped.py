@@ -102,8 +102,9 @@ def test_a_checkpoint_never_overrides_the_config(tmp_path):
     overrides = ["--trainer.max_steps", "2", "--trainer.num_sanity_val_steps", "0",
                  "--model.num_generations", "4", "--model.kl_beta", "0.5"]
     for ckpt in (str(planted), "last"):
-        if ckpt == "last":  # make the planted checkpoint the newest `last` of the run
-            planted.replace(last)
+        if ckpt == "last":  # make the planted checkpoint the newest `last` of the run folder
+            newest = max((tmp_path / RUN).glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+            planted.replace(newest)
         result = drpo(tmp_path, *QUICKSTART, *overrides, "--ckpt_path", ckpt)
         assert result.returncode == 0, result.stderr[-3000:]
         assert not marker.exists() and not (tmp_path / "stolen").exists()
