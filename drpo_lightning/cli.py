@@ -22,7 +22,37 @@ from pathlib import Path
 
 from drpo_lightning.registry import REGISTRIES, PluginError, load_all, registry_for
 
+COMMANDS = {
+    "fit": "train a policy: drpo fit --config configs/quickstart.yaml [--ckpt_path last|auto|FILE]",
+    "validate": "score the held-out prompts with a policy or checkpoint (held-out accuracy, pass@k)",
+    "test": "the same on the test split",
+    "plugins": "list the installed objectives, rollouts, rewards, advantages and tasks with their packages",
+    "sweep": "run a grid of configs x seeds through drpo fit (resumable) and write a report",
+    "plot-weights": "draw the objectives' gradient weight against the probability shift",
+}
+"""The ``drpo`` subcommands and their one-line descriptions (``drpo --help``)."""
 EXTRA_COMMANDS = ("plugins", "plot-weights", "sweep")
+LIGHTNING_COMMANDS = ("fit", "validate", "test")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("drpo-lightning")
+    except PackageNotFoundError:  # running from a source tree without an install
+        return "unknown (not installed)"
+
+
+def _top_level_help() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = [f"drpo-lightning {_version()}: RL post-training of language models (DRPO, DPPO, PPO/GRPO) on "
+             "PyTorch Lightning", "", "usage: drpo COMMAND [options]   (drpo COMMAND --help for a command's options)",
+             "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
+    lines += ["", "options:", "  -h, --help      this list", "  -V, --version   the installed version",
+              "  --debug         show the full traceback of an error (any command; or DRPO_DEBUG=1)"]
+    return "\n".join(lines)
 
 
 def install_plugin_names() -> None:
@@ -66,6 +96,11 @@ def _lightning_cli():
 
     class DRPOCLI(LightningCLI):
         """LightningCLI with plugin names, defaults for RL runs, and short error messages."""
+
+        @staticmethod
+        def subcommands() -> dict[str, set[str]]:
+            # Lightning's `predict` calls forward() on prompt batches, which means nothing for an RL policy.
+            return {k: v for k, v in LightningCLI.subcommands().items() if k in LIGHTNING_COMMANDS}
 
         def add_arguments_to_parser(self, parser) -> None:
             # Prompt formatting is configured once, on the data, and handed to the module that tokenises.
@@ -207,6 +242,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or bool(os.environ.get("DRPO_DEBUG"))
     argv = [a for a in argv if a != "--debug"]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_top_level_help())
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        import lightning
+        import torch
+
+        print(f"drpo-lightning {_version()} (torch {torch.__version__}, lightning {lightning.__version__})")
+        return 0
+    if argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        print(f"drpo: error: unknown command {argv[0]!r}; the commands are {', '.join(COMMANDS)} "
+              "(drpo --help)", file=sys.stderr)
+        return 2
     try:
         if argv and argv[0] == "plugins":
             return _plugins_command(argv[1:])
@@ -235,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 RLModule,
                 PromptDataModule,
                 save_config_kwargs={"overwrite": True},
-                parser_kwargs={**parser_kwargs, **{cmd: dict(parser_kwargs) for cmd in ("fit", "validate", "test")}},
+                parser_kwargs={**parser_kwargs, **{cmd: dict(parser_kwargs) for cmd in LIGHTNING_COMMANDS}},
             )
         except ArgumentError as err:
             if debug:

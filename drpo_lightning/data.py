@@ -36,6 +36,7 @@ __all__ = [
     "collate_prompts",
     "format_prompts",
     "load_rows",
+    "prompt_token_counter",
     "split_train_val",
 ]
 
@@ -567,6 +568,21 @@ def format_prompts(
         messages.append({"role": "user", "content": prompt})
         out.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
     return out
+
+
+def prompt_token_counter(
+    tokenizer: Any, chat_template: bool | None, system_prompt: str | None = None
+) -> Callable[[list[str]], list[int]]:
+    """A function giving the length in tokens of each prompt as the trainer feeds it to the policy (after
+    :func:`format_prompts`; a rendered chat template already holds its special tokens), for
+    :meth:`PromptDataModule.check_prompt_lengths`."""
+    templated = bool(getattr(tokenizer, "chat_template", None)) if chat_template is None else chat_template
+
+    def count(prompts: list[str]) -> list[int]:
+        texts = format_prompts(tokenizer, prompts, chat_template, system_prompt)
+        return [len(ids) for ids in tokenizer(texts, add_special_tokens=not templated)["input_ids"]]
+
+    return count
 
 
 # --------------------------------------------------------------------------------------------- datamodule

@@ -116,3 +116,28 @@ def test_quickstart_fit_runs_logs_checkpoints_and_exports(tmp_path):
     assert (tmp_path / "ckpt" / "last.ckpt").exists()
     assert (tmp_path / "export" / "config.json").exists()
     assert (tmp_path / "export" / "tokenizer.json").exists()
+
+
+def test_top_level_help_lists_every_subcommand_under_the_product_name(capsys):
+    from drpo_lightning.cli import COMMANDS, main
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("drpo-lightning ")
+    assert "Lightning Trainer command line tool" not in out
+    for name in ("fit", "validate", "test", "plugins", "sweep", "plot-weights"):
+        assert f"\n  {name} " in out and name in COMMANDS
+    assert "predict" not in out  # Lightning's predict means nothing for an RL policy: not offered
+
+
+def test_version_and_unknown_commands(capsys):
+    from importlib.metadata import version
+
+    from drpo_lightning.cli import main
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith(f"drpo-lightning {version('drpo-lightning')} (torch ")
+    assert main(["predict"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["drpo: error: unknown command 'predict'; the commands are fit, validate, test, plugins, sweep, "
+                   "plot-weights (drpo --help)"]

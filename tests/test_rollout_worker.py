@@ -1,7 +1,7 @@
 """Decoupled rollouts: the staleness schedule, the weight-sync group and the rollout worker process.
 
-Worker tests spawn one real worker each (``python -m drpo_lightning.rollouts.worker``) on the tiny model;
-every process they start is stopped before the test ends.
+Worker tests spawn real workers (``python -m drpo_lightning.rollouts.worker``, one or two per test) on the
+tiny model; every process a test starts is stopped before it ends.
 """
 
 from __future__ import annotations
@@ -478,3 +478,19 @@ def test_two_trainer_ranks_each_with_a_worker_share_rank0s_broadcast(tiny_model_
         for source in sources.values():
             source.close()
         sender.close()
+
+
+def test_rollout_worker_command_line_mistakes_are_one_line(monkeypatch, capsys):
+    from drpo_lightning.rollouts.worker import main
+
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    assert main(["--trainer", "127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"drpo: error: {KEY_ENV}: not set; give the worker the trainer's key"
+    monkeypatch.setenv(KEY_ENV, "00" * 32)
+    port = _free_port()  # nobody listens there
+    start = time.monotonic()
+    assert main(["--trainer", f"127.0.0.1:{port}", "--connect-timeout", "1"]) == 2
+    assert time.monotonic() - start < 5
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"drpo: error: --trainer 127.0.0.1:{port}: ") and "refused" in err

@@ -84,6 +84,8 @@ def _make_group(store: dist.Store, rank: int, size: int, timeout: float, backend
     if backend == "gloo":
         return dist.ProcessGroupGloo(store, rank, size, td)
     if backend == "nccl":
+        if not dist.is_nccl_available():
+            raise ValueError("weight sync backend 'nccl': this torch build has no NCCL (use gloo)")
         options = dist.ProcessGroupNCCL.Options()
         options._timeout = td
         return dist.ProcessGroupNCCL(store, rank, size, options)

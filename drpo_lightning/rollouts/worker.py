@@ -470,9 +470,8 @@ class WorkerRolloutSource(RolloutSource):
         self._submitted.discard(t)
         header, tensors = self._results.pop(t)
         sampled_with = int(header["sync"])
-        if sampled_with != weights_for_batch(t, self.max_staleness):
-            raise RuntimeError(f"batch {t} came back sampled with sync {sampled_with}; the schedule says "
-                               f"{weights_for_batch(t, self.max_staleness)}")
+        if sampled_with != need:
+            raise RuntimeError(f"batch {t} came back sampled with sync {sampled_with}; the schedule says {need}")
         self.meter.record_batch(sampled_with, self.synced, time.perf_counter() - start)
         return RolloutBatch(**tensors)
 

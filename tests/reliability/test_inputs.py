@@ -23,7 +23,7 @@ from rel_helpers import assert_one_line_error, tiny_fit_args
 
 from drpo_lightning import data as data_module
 from drpo_lightning.cli import main
-from drpo_lightning.data import DataError, PromptDataModule
+from drpo_lightning.data import DataError, PromptDataModule, prompt_token_counter
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -177,15 +177,14 @@ def test_a_prompt_longer_than_max_prompt_length_is_named_by_file_line(tmp_path, 
     path = write_jsonl(tmp_path / "long.jsonl", rows)
     dm = PromptDataModule(path=path, val_fraction=0.2, batch_size=2, seed=3)
     dm.setup()
-
-    def count(prompts):
-        return [len(ids) for ids in tokenizer(prompts)["input_ids"]]
-
-    dm.check_prompt_lengths(count, limit=82)  # the long prompt is 82 characters, one token each
+    count = prompt_token_counter(tokenizer, chat_template=None)
+    n = count([rows[23]["prompt"]])[0]
+    assert n >= 82  # one token per character, plus any BOS
+    dm.check_prompt_lengths(count, limit=n)
     with pytest.raises(DataError) as info:
-        dm.check_prompt_lengths(count, limit=81, batch=4)
+        dm.check_prompt_lengths(count, limit=n - 1, batch=4)
     message = str(info.value)
-    assert message.startswith(f"{path}:24: the prompt is 82 tokens long, more than model.max_prompt_length = 81")
+    assert message.startswith(f"{path}:24: the prompt is {n} tokens long, more than model.max_prompt_length = {n - 1}")
     assert "\n" not in message
 
 
