@@ -29,9 +29,10 @@ COMMANDS = {
     "plugins": "list the installed objectives, rollouts, rewards, advantages and tasks with their packages",
     "sweep": "run a grid of configs x seeds through drpo fit (resumable) and write a report",
     "plot-weights": "draw the objectives' gradient weight against the probability shift",
+    "rollout-worker": "serve rollouts to a trainer from this process (its own GPU or host): --trainer HOST:PORT",
 }
 """The ``drpo`` subcommands and their one-line descriptions (``drpo --help``)."""
-EXTRA_COMMANDS = ("plugins", "plot-weights", "sweep")
+EXTRA_COMMANDS = ("plugins", "plot-weights", "sweep", "rollout-worker")
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 
 
@@ -173,6 +174,39 @@ def _lightning_cli():
     return DRPOCLI
 
 
+def plain_text(text: str) -> str:
+    """Docstring markup as a terminal shows it: ``:class:`~a.b.C``` -> ``C``, ````x```` -> ``x``."""
+    import re
+
+    text = re.sub(r":(?:class|func|meth|attr|mod|obj|data|exc):`~?(?:[\w.]+\.)?([\w]+)`", r"\1", text)
+    return re.sub(r"``([^`]+)``", r"\1", text)
+
+
+def _parser_class():
+    """LightningCLI's parser, printing the plugins' docstrings as plain text. A class rather than a
+    ``formatter_class`` argument: the nested ``--model.objective.help X`` builds a parser of the same class
+    with default arguments."""
+    from jsonargparse import DefaultHelpFormatter
+    from lightning.pytorch.cli import LightningArgumentParser
+
+    class PlainHelpFormatter(DefaultHelpFormatter):
+        def _expand_help(self, action) -> str:
+            return plain_text(super()._expand_help(action))
+
+        def _format_text(self, text: str) -> str:
+            return super()._format_text(plain_text(text))
+
+        def start_section(self, heading) -> None:
+            super().start_section(plain_text(heading) if heading else heading)
+
+    class DRPOArgumentParser(LightningArgumentParser):
+        def __init__(self, *args, **kwargs) -> None:
+            kwargs.setdefault("formatter_class", PlainHelpFormatter)
+            super().__init__(*args, **kwargs)
+
+    return DRPOArgumentParser
+
+
 def _trainer_error(err: BaseException) -> str:
     """``trainer.<key>: <Lightning's message>`` for the first Trainer argument the message names."""
     import inspect
@@ -262,6 +296,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from drpo_lightning.plot import main as plot_main
 
             return plot_main(argv[1:])
+        if argv and argv[0] == "rollout-worker":
+            from drpo_lightning.rollouts.worker import main as worker_main
+
+            return worker_main(argv[1:])
         if argv and argv[0] == "sweep":
             from drpo_lightning.sweep import main as sweep_main
 
@@ -283,6 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 RLModule,
                 PromptDataModule,
                 save_config_kwargs={"overwrite": True},
+                parser_class=_parser_class(),
                 parser_kwargs={**parser_kwargs, **{cmd: dict(parser_kwargs) for cmd in LIGHTNING_COMMANDS}},
             )
         except ArgumentError as err:

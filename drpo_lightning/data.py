@@ -570,17 +570,33 @@ def format_prompts(
     return out
 
 
+_SPECIAL_TOKEN_MARGIN = 8
+"""Tokens a tokenizer may add that no byte of the text accounts for (BOS/EOS, a SentencePiece word prefix)."""
+
+
 def prompt_token_counter(
-    tokenizer: Any, chat_template: bool | None, system_prompt: str | None = None
+    tokenizer: Any, chat_template: bool | None, system_prompt: str | None = None, *, cap: int | None = None
 ) -> Callable[[list[str]], list[int]]:
     """A function giving the length in tokens of each prompt as the trainer feeds it to the policy (after
     :func:`format_prompts`; a rendered chat template already holds its special tokens), for
-    :meth:`PromptDataModule.check_prompt_lengths`."""
+    :meth:`PromptDataModule.check_prompt_lengths`.
+
+    With ``cap``, a prompt that cannot be longer than ``cap`` tokens is not tokenized: every token of a
+    byte-level or byte-fallback tokenizer covers at least one byte of the text, so its UTF-8 length plus a
+    small margin bounds its token count, and that bound is returned instead. Tokenizing a million prompts
+    takes minutes; most prompts are far below the limit, so only those near it are tokenized.
+    """
     templated = bool(getattr(tokenizer, "chat_template", None)) if chat_template is None else chat_template
 
     def count(prompts: list[str]) -> list[int]:
         texts = format_prompts(tokenizer, prompts, chat_template, system_prompt)
-        return [len(ids) for ids in tokenizer(texts, add_special_tokens=not templated)["input_ids"]]
+        lengths = [len(text.encode("utf-8")) + _SPECIAL_TOKEN_MARGIN for text in texts]
+        exact = [i for i, n in enumerate(lengths) if cap is None or n > cap]
+        if exact:
+            encoded = tokenizer([texts[i] for i in exact], add_special_tokens=not templated)["input_ids"]
+            for i, ids in zip(exact, encoded):
+                lengths[i] = len(ids)
+        return lengths
 
     return count
 
@@ -701,6 +717,7 @@ class PromptDataModule(LightningDataModule):
         self.required_columns: dict[str, list[str]] = {}
         """Columns every row must have -> who reads them, beyond those the attached module's rewards declare."""
         self._where: dict[str, Callable[[int], str]] = {}
+        self._lengths_checked = False
 
     # -- loading -------------------------------------------------------------------------------------------
 
@@ -796,6 +813,7 @@ class PromptDataModule(LightningDataModule):
         training instead of when the prompt is drawn.
         """
         self._require_setup()
+        self._lengths_checked = True
         for split, dataset in (("train", self.train_dataset), ("val", self.val_dataset)):
             assert dataset is not None
             progress = _Progress(f"measuring the {split} prompts in tokens", every=1)
@@ -806,10 +824,29 @@ class PromptDataModule(LightningDataModule):
                         i = start + offset
                         raise DataError(
                             f"{self._where[split](i)}: the prompt is {int(length)} tokens long, more than "
-                            f"model.max_prompt_length = {limit} (context minus rollout.max_new_tokens): "
+                            f"model.max_prompt_length = {limit} (default: context minus rollout.max_new_tokens): "
                             f"{chunk[offset][:40]!r}; shorten it or drop the row"
                         )
                 progress(start + len(chunk))
+
+    def _check_lengths_with_module(self) -> None:
+        """:meth:`check_prompt_lengths` with the attached module's tokenizer and prompt limit, once, when the
+        trainer first asks for a loader (the module has its tokenizer and model config by then; no prompt
+        has been sampled yet). Skipped when the module has none, or when the check already ran."""
+        if self._lengths_checked:
+            return
+        trainer = getattr(self, "trainer", None)
+        module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        tokenizer, limit_of = getattr(module, "tokenizer", None), getattr(module, "_max_prompt_length", None)
+        if tokenizer is None or not callable(limit_of):
+            return
+        limit = limit_of()
+        if limit is None:
+            return
+        hparams = getattr(module, "hparams", {})
+        count = prompt_token_counter(tokenizer, hparams.get("chat_template"), hparams.get("system_prompt"),
+                                     cap=int(limit))
+        self.check_prompt_lengths(count, int(limit))
 
     @property
     def columns(self) -> list[str]:
@@ -837,6 +874,7 @@ class PromptDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self._require_setup()
+        self._check_lengths_with_module()
         assert self.train_dataset is not None
         num_replicas, rank = self._data_parallel_rank()
         sampler = EpochShuffleSampler(
@@ -863,6 +901,7 @@ class PromptDataModule(LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         """Held-out prompts in file order; an empty list (no validation) when there are none."""
         self._require_setup()
+        self._check_lengths_with_module()
         assert self.val_dataset is not None
         if len(self.val_dataset) == 0:
             return []

@@ -125,7 +125,7 @@ def test_top_level_help_lists_every_subcommand_under_the_product_name(capsys):
     out = capsys.readouterr().out
     assert out.startswith("drpo-lightning ")
     assert "Lightning Trainer command line tool" not in out
-    for name in ("fit", "validate", "test", "plugins", "sweep", "plot-weights"):
+    for name in ("fit", "validate", "test", "plugins", "sweep", "plot-weights", "rollout-worker"):
         assert f"\n  {name} " in out and name in COMMANDS
     assert "predict" not in out  # Lightning's predict means nothing for an RL policy: not offered
 
@@ -140,4 +140,28 @@ def test_version_and_unknown_commands(capsys):
     assert main(["predict"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["drpo: error: unknown command 'predict'; the commands are fit, validate, test, plugins, sweep, "
-                   "plot-weights (drpo --help)"]
+                   "plot-weights, rollout-worker (drpo --help)"]
+
+
+def _plugin_help_cases():
+    from drpo_lightning.registry import REGISTRIES, load_all
+
+    load_all()
+    keys = {"objectives": "objective", "rollouts": "rollout", "advantages": "advantage", "rewards": "rewards"}
+    return [(keys[kind], name) for kind, registry in REGISTRIES.items() if kind in keys
+            for name in registry.available()]
+
+
+@pytest.mark.parametrize("key, name", _plugin_help_cases())
+def test_every_plugins_help_is_plain_text(key, name, capsys):
+    """`drpo fit --model.<key>.help <name>`: no Sphinx roles or double backticks, and objectives list the
+    allowed loss_agg_mode values."""
+    from drpo_lightning.cli import main
+
+    assert main(["fit", f"--model.{key}.help", name]) == 0
+    out = capsys.readouterr().out
+    assert f"--model.{key}." in out
+    for markup in (":class:", ":func:", ":meth:", "``"):
+        assert markup not in out, (markup, out)
+    if key == "objective":
+        assert "{token-mean,seq-mean-token-sum,seq-mean-token-mean,seq-mean-token-sum-norm}" in out

@@ -493,4 +493,5 @@ def test_rollout_worker_command_line_mistakes_are_one_line(monkeypatch, capsys):
     assert main(["--trainer", f"127.0.0.1:{port}", "--connect-timeout", "1"]) == 2
     assert time.monotonic() - start < 5
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and err.startswith(f"drpo: error: --trainer 127.0.0.1:{port}: ") and "refused" in err
+    assert "\n" not in err and "refused" in err
+    assert err.startswith(f"drpo: error: --trainer 127.0.0.1:{port}: ")

@@ -13,13 +13,17 @@ engine (DRPO/DPPO default) or a recomputed pi_old (classic PPO). A subclass writ
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
+from typing import Literal, get_args
 
 import torch
 
 from drpo_lightning.types import ObjectiveOutput
 
-AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+LossAggMode = Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+"""How token losses become one scalar (the config validates the name, and ``--help`` lists the four)."""
+AGG_MODES: tuple[str, ...] = get_args(LossAggMode)
 
 
 LOG_RATIO_CLAMP = 20.0
@@ -35,6 +39,13 @@ gradient (verl applies the same safety to PPO's ratio).
 def clamped_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor) -> torch.Tensor:
     """``exp(clamp(z - y, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))``, differentiable w.r.t. ``logprobs``."""
     return (logprobs - old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
+
+
+def check_finite(name: str, value: float | None, hint: str = "") -> None:
+    """NaN fails every comparison, so a range check written as ``not value > 0`` catches it only by luck, and
+    inf passes ``> 0``: refuse both by name before the range checks."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}{hint}")
 
 
 def check_positive(name: str, value: float | None, *, allow_none: bool = False) -> None:
@@ -111,7 +122,7 @@ class Objective(ABC):
     requires_topk: int = 0
     """How many of the anchor's top log-probs per position this objective needs (0: none)."""
 
-    def __init__(self, loss_agg_mode: str = "token-mean", loss_agg_horizon: int | None = None) -> None:
+    def __init__(self, loss_agg_mode: LossAggMode = "token-mean", loss_agg_horizon: int | None = None) -> None:
         if loss_agg_mode not in AGG_MODES:
             raise ValueError(f"loss_agg_mode must be one of {AGG_MODES}, got {loss_agg_mode!r}")
         check_positive("loss_agg_horizon", loss_agg_horizon, allow_none=True)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from drpo_lightning.objectives.base import Objective, check_positive, clamped_ratio, masked_mean
+from drpo_lightning.objectives.base import (
+    LossAggMode,
+    Objective,
+    check_finite,
+    check_positive,
+    clamped_ratio,
+    masked_mean,
+)
 
 DIVERGENCES = ("tv", "kl", "topk", "topk_kl")
 TOPK_DIVERGENCES = ("topk", "topk_kl")
@@ -86,8 +91,10 @@ class DPPO(Objective):
         ratio_cap: truncate the importance ratio at this value (> 0, finite); None: no truncation.
         topk: how many of ``mu``'s top log-probs the rollout must return (Top-K divergences only).
         topk_sampled_bucket: give the sampled token its own bucket when it is outside the top-K.
-        loss_agg_mode: see :class:`~drpo_lightning.objectives.base.Objective`.
-        loss_agg_horizon: see :class:`~drpo_lightning.objectives.base.Objective`.
+        loss_agg_mode: how token losses become one scalar: token-mean (every valid token of the batch
+            weighs the same), seq-mean-token-sum, seq-mean-token-mean or seq-mean-token-sum-norm.
+        loss_agg_horizon: the fixed length seq-mean-token-sum-norm divides by (null: the completion
+            length of the batch, which the trainer keeps at the rollout's max_new_tokens).
     """
 
     def __init__(
@@ -98,7 +105,7 @@ class DPPO(Objective):
         ratio_cap: float | None = DEFAULT_RATIO_CAP,
         topk: int = 20,
         topk_sampled_bucket: bool = False,
-        loss_agg_mode: str = "token-mean",
+        loss_agg_mode: LossAggMode = "token-mean",
         loss_agg_horizon: int | None = None,
     ) -> None:
         super().__init__(loss_agg_mode=loss_agg_mode, loss_agg_horizon=loss_agg_horizon)
@@ -195,13 +202,6 @@ class DPPO(Objective):
             extras["old_topk_logprobs"].detach().to(logprobs.dtype),
             own_bucket,
         )
-
-
-def check_finite(name: str, value: float | None, hint: str = "") -> None:
-    """NaN fails every comparison, so a range check written as ``not value > 0`` catches it only by luck, and
-    inf passes ``> 0``: refuse both by name before the range checks."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}{hint}")
 
 
 def binary_kl(logprobs: torch.Tensor, old_logprobs: torch.Tensor) -> torch.Tensor:

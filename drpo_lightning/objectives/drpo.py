@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from drpo_lightning.objectives.base import Objective, check_positive, clamped_ratio
-from drpo_lightning.objectives.dppo import check_finite
+from drpo_lightning.objectives.base import LossAggMode, Objective, check_finite, check_positive, clamped_ratio
 
 
 class DRPO(Objective):
@@ -53,14 +52,16 @@ class DRPO(Objective):
 
     Args:
         delta: trust-region size ``delta > 0`` (in probability units), finite.
-        loss_agg_mode: see :class:`~drpo_lightning.objectives.base.Objective`.
-        loss_agg_horizon: see :class:`~drpo_lightning.objectives.base.Objective`.
+        loss_agg_mode: how token losses become one scalar: token-mean (every valid token of the batch
+            weighs the same), seq-mean-token-sum, seq-mean-token-mean or seq-mean-token-sum-norm.
+        loss_agg_horizon: the fixed length seq-mean-token-sum-norm divides by (null: the completion
+            length of the batch, which the trainer keeps at the rollout's max_new_tokens).
     """
 
     def __init__(
         self,
         delta: float = 12.5,
-        loss_agg_mode: str = "token-mean",
+        loss_agg_mode: LossAggMode = "token-mean",
         loss_agg_horizon: int | None = None,
     ) -> None:
         super().__init__(loss_agg_mode=loss_agg_mode, loss_agg_horizon=loss_agg_horizon)

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from drpo_lightning.objectives.base import Objective, check_positive, clamped_ratio
-from drpo_lightning.objectives.dppo import check_finite
+from drpo_lightning.objectives.base import LossAggMode, Objective, check_finite, check_positive, clamped_ratio
 
 
 class PPO(Objective):
@@ -38,8 +37,10 @@ class PPO(Objective):
         clip_low: ``epsilon_low`` in ``(0, 1)``.
         clip_high: ``epsilon_high > 0``.
         dual_clip: ``c > 1``; None turns dual-clip off. (NaN and inf are refused for all three.)
-        loss_agg_mode: see :class:`~drpo_lightning.objectives.base.Objective`.
-        loss_agg_horizon: see :class:`~drpo_lightning.objectives.base.Objective`.
+        loss_agg_mode: how token losses become one scalar: token-mean (every valid token of the batch
+            weighs the same), seq-mean-token-sum, seq-mean-token-mean or seq-mean-token-sum-norm.
+        loss_agg_horizon: the fixed length seq-mean-token-sum-norm divides by (null: the completion
+            length of the batch, which the trainer keeps at the rollout's max_new_tokens).
     """
 
     def __init__(
@@ -47,7 +48,7 @@ class PPO(Objective):
         clip_low: float = 0.2,
         clip_high: float = 0.2,
         dual_clip: float | None = None,
-        loss_agg_mode: str = "token-mean",
+        loss_agg_mode: LossAggMode = "token-mean",
         loss_agg_horizon: int | None = None,
     ) -> None:
         super().__init__(loss_agg_mode=loss_agg_mode, loss_agg_horizon=loss_agg_horizon)

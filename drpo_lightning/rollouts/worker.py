@@ -471,7 +471,8 @@ class WorkerRolloutSource(RolloutSource):
         header, tensors = self._results.pop(t)
         sampled_with = int(header["sync"])
         if sampled_with != need:
-            raise RuntimeError(f"batch {t} came back sampled with sync {sampled_with}; the schedule says {need}")
+            raise RuntimeError(f"batch {t} came back sampled with sync {sampled_with}; the schedule says "
+                               f"{need}")
         self.meter.record_batch(sampled_with, self.synced, time.perf_counter() - start)
         return RolloutBatch(**tensors)
 

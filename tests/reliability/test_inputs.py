@@ -188,6 +188,19 @@ def test_a_prompt_longer_than_max_prompt_length_is_named_by_file_line(tmp_path, 
     assert "\n" not in message
 
 
+def test_a_prompt_longer_than_max_prompt_length_stops_a_fit_before_the_first_rollout(tmp_path, monkeypatch):
+    rows = sums(20)
+    rows[17]["prompt"] = "1+" * 20 + "1="
+    path = write_jsonl(tmp_path / "long.jsonl", rows)
+
+    def no_rollout(*args, **kwargs):
+        pytest.fail("a rollout was sampled before the prompt lengths were checked")
+
+    monkeypatch.setattr("drpo_lightning.rollouts.hf.HFRollout.generate", no_rollout)
+    code, err = run_cli(file_args(tmp_path, path, "--model.max_prompt_length=30"))
+    assert_one_line_error(code, err, f"{path}:18: the prompt is ", "more than model.max_prompt_length = 30")
+
+
 # ------------------------------------------------------------------------------- 4. missing optional package
 
 def test_missing_math_verify_is_one_line_naming_the_plugin_and_extra(monkeypatch, trapped_model_load):

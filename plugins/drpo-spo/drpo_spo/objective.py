@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from drpo_lightning.objectives.base import Objective, check_positive, clamped_ratio
+from drpo_lightning.objectives.base import LossAggMode, Objective, check_positive, clamped_ratio
 
 
 class SPO(Objective):
@@ -32,11 +32,13 @@ class SPO(Objective):
 
     Args:
         epsilon: trust-region size in ratio units (> 0).
-        loss_agg_mode, loss_agg_horizon: see ``drpo_lightning.objectives.base.Objective``.
+        loss_agg_mode: how token losses become one scalar (token-mean, seq-mean-token-sum,
+            seq-mean-token-mean or seq-mean-token-sum-norm), as for the built-in objectives.
+        loss_agg_horizon: the fixed length seq-mean-token-sum-norm divides by (null: the batch's).
     """
 
     def __init__(
-        self, epsilon: float = 0.2, loss_agg_mode: str = "token-mean", loss_agg_horizon: int | None = None
+        self, epsilon: float = 0.2, loss_agg_mode: LossAggMode = "token-mean", loss_agg_horizon: int | None = None
     ) -> None:
         super().__init__(loss_agg_mode=loss_agg_mode, loss_agg_horizon=loss_agg_horizon)
         check_positive("epsilon", epsilon)  # ValueError: "epsilon must be > 0, got ..."
