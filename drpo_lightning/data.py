@@ -89,10 +89,11 @@ def _read_jsonl(path: Path) -> tuple[list[Any], Callable[[int], str]]:
     rows: list[Any] = []
     lines: list[int] = []
     offset = 0
-    progress = _Progress(f"reading {path}")
+    progress, every = _Progress(f"reading {path}"), _PROGRESS_EVERY
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
-            progress(lineno)
+            if not lineno % every:
+                progress(lineno)
             try:
                 text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as err:
@@ -293,9 +294,10 @@ def _normalise(
     items: list[Row] = []
     dropped_prompt = False
     required = {c: r for c, r in (required or {}).items() if c not in ("prompt", prompt_column)}
-    progress = _Progress(f"checking {key}")
+    progress, every = _Progress(f"checking {key}"), _PROGRESS_EVERY
     for i, row in enumerate(rows):
-        progress(i)
+        if not i % every:
+            progress(i)
         if not isinstance(row, dict):
             raise DataError(
                 f"{where(i)}: expected an object with a {prompt_column!r} field, got {type(row).__name__}"
@@ -312,12 +314,13 @@ def _normalise(
             )
         if not prompt.strip():
             raise DataError(f"{where(i)}: {prompt_column!r} is empty")
-        for name in RESERVED_COLUMNS:
-            if name in row and name != prompt_column:
-                raise DataError(
-                    f"{where(i)}: column {name!r} clashes with the {name!r} argument every reward function is "
-                    "called with; rename the column"
-                )
+        if "prompts" in row or "completions" in row:
+            for name in RESERVED_COLUMNS:
+                if name in row and name != prompt_column:
+                    raise DataError(
+                        f"{where(i)}: column {name!r} clashes with the {name!r} argument every reward function "
+                        "is called with; rename the column"
+                    )
         for name, readers in required.items():
             if name not in row:
                 raise DataError(
