@@ -2,7 +2,9 @@
 
 This file is the loop of design.md §2 and nothing else: every decision that varies between algorithms
 lives in a plugin passed to the constructor (objective, rollout engine, reward functions, advantage
-estimator), so swapping DRPO for PPO is one YAML key.
+estimator), so swapping DRPO for PPO is one YAML key. Rollouts come from a rollout source
+(:mod:`drpo_lightning.loop.feed`: in-process, or a worker process k batches ahead); configuration checks,
+checkpoint state and export live in :mod:`drpo_lightning.loop`.
 
 Manual optimisation: a batch of B prompts yields N = B * G completions, reused for ``ppo_epochs`` passes of
 ``num_minibatches`` optimizer updates each. That reuse (staleness) and the rollout/training numerical gap
@@ -18,27 +20,24 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torchmetrics import MeanMetric
 
 from drpo_lightning.advantages.base import AdvantageEstimator
-from drpo_lightning.checkpoint import settle_loop_position
-from drpo_lightning.errors import ConfigError, UserError
-from drpo_lightning.kl import KL_ESTIMATORS, kl_penalty
-from drpo_lightning.models import LoRA, Quantization, check_adapter_packages
+from drpo_lightning.kl import kl_penalty
+from drpo_lightning.loop import checks, pieces, state
+from drpo_lightning.loop.feed import RolloutFeed
+from drpo_lightning.loop.optim import optimizer_update
+from drpo_lightning.models import LoRA, Quantization
 from drpo_lightning.objectives.base import Objective, aggregate
-from drpo_lightning.resume import optimizer_name
+from drpo_lightning.registry import ADVANTAGES, OBJECTIVES, REWARDS, ROLLOUTS
 from drpo_lightning.rewards.base import RewardFunction
 from drpo_lightning.rollouts.base import RolloutEngine
 from drpo_lightning.types import RolloutBatch
-
-FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def default_optimizer(params) -> torch.optim.Optimizer:
@@ -53,9 +52,10 @@ class RLModule(pl.LightningModule):
         model_name_or_path: a local Hugging Face model folder, or ``quickstart`` for the tiny arithmetic
             policy shipped with drpo-lightning. Nothing is downloaded.
         objective: the policy loss (``drpo``, ``dppo``, ``ppo`` or any installed plugin). Default DRPO.
-        rollout: the rollout engine sampling completions (default ``hf``: transformers ``generate``). Its
-            sampling temperature (``rollout.temperature`` or ``rollout.sampling.temperature``) is part of
-            the rollout contract: the training forward uses it; without one, 1 is assumed with a warning.
+        rollout: the rollout engine sampling completions (default ``hf``: transformers ``generate``; ``worker``
+            samples in a separate process, ``max_staleness`` batches ahead of the trainer). Its sampling
+            temperature (``rollout.temperature`` or ``rollout.sampling.temperature``) is part of the rollout
+            contract: the training forward uses it; without one, 1 is assumed with a warning.
         rewards: reward functions; their weighted sum is the reward of a completion. Default exact match.
         reward_weights: one weight per reward function (default 1 each).
         advantage: advantage estimator (default ``grpo``: group-normalised).
@@ -153,19 +153,15 @@ class RLModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["objective", "rollout", "rewards", "advantage", "optimizer", "lr_scheduler"])
         self.automatic_optimization = False
-        from drpo_lightning.advantages.grpo import GRPOAdvantage
-        from drpo_lightning.objectives.drpo import DRPO
-        from drpo_lightning.rewards.exact_match import ExactMatch
-        from drpo_lightning.rollouts.hf import HFRollout
-
-        self.objective = objective if objective is not None else DRPO()
-        self.rollout = rollout if rollout is not None else HFRollout()
-        self.rewards = list(rewards) if rewards else [ExactMatch()]
+        # Defaults by registered name: the loop knows no concrete plugin.
+        self.objective = objective if objective is not None else OBJECTIVES.get("drpo")()
+        self.rollout = rollout if rollout is not None else ROLLOUTS.get("hf")()
+        self.rewards = list(rewards) if rewards else [REWARDS.get("exact_match")()]
         self.reward_weights = reward_weights
-        self.advantage = advantage if advantage is not None else GRPOAdvantage()
+        self.advantage = advantage if advantage is not None else ADVANTAGES.get("grpo")()
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
-        self._check_config()
+        checks.check_config(self)
         self.strict_loading = lora is None  # adapter checkpoints omit the frozen base weights
         self.policy: torch.nn.Module | None = None
         self.reference: torch.nn.Module | None = None
@@ -176,134 +172,7 @@ class RLModule(pl.LightningModule):
         self._consecutive_skips = 0
         self.skipped_updates = 0
         self.initial_val_accuracy: float | None = None
-
-    # -- configuration checks (cheap, before anything loads) -----------------------------------------
-    def _check_config(self) -> None:
-        h = self.hparams
-        positive_ints = ("num_generations", "ppo_epochs", "num_minibatches", "val_num_samples",
-                         "logprob_chunk_size", "max_consecutive_skips")
-        for key in positive_ints:
-            if h[key] is None or int(h[key]) < 1:
-                raise ConfigError(f"model.{key} must be >= 1, got {h[key]}")
-        if h.micro_batch_size is not None and h.micro_batch_size < 1:
-            raise ConfigError(f"model.micro_batch_size must be >= 1 or null, got {h.micro_batch_size}")
-        if h.anchor not in ("behavior", "recompute"):
-            raise ConfigError(f"model.anchor must be 'behavior' or 'recompute', got {h.anchor!r}")
-        if h.tis_cap is not None and h.anchor != "recompute":
-            raise ConfigError("model.tis_cap corrects pi_old/mu and needs model.anchor: recompute")
-        self._check_numbers()
-        if h.tis_cap is not None and h.tis_cap <= 0:
-            raise ConfigError(f"model.tis_cap must be > 0, got {h.tis_cap}")
-        if h.kl_beta < 0:
-            raise ConfigError(f"model.kl_beta must be >= 0, got {h.kl_beta}")
-        if h.kl_estimator not in KL_ESTIMATORS:
-            raise ConfigError(f"model.kl_estimator must be one of {KL_ESTIMATORS}, got {h.kl_estimator!r}")
-        if h.kl_estimator == "k1" and h.kl_beta > 0:
-            rank_zero_warn(
-                "model.kl_estimator: k1 with model.kl_beta > 0 only adds noise: the gradient of k1 = log pi - "
-                "log ref on tokens sampled from pi is zero in expectation, so it does not pull the policy toward "
-                "the reference. Use k3 (gradient of KL(ref || pi)) or k2 (gradient of KL(pi || ref))",
-                category=UserWarning,
-            )
-        if h.max_grad_norm is not None and h.max_grad_norm <= 0:
-            raise ConfigError(f"model.max_grad_norm must be > 0 or null, got {h.max_grad_norm}")
-        if h.reward_weights is not None and len(h.reward_weights) != len(self.rewards):
-            raise ConfigError(
-                f"model.reward_weights has {len(h.reward_weights)} entries for {len(self.rewards)} reward "
-                f"functions ({', '.join(r.name for r in self.rewards)})"
-            )
-        if h.reward_on_error not in ("raise", "fallback"):
-            raise ConfigError(f"model.reward_on_error must be 'raise' or 'fallback', got {h.reward_on_error!r}")
-        if h.reward_timeout is not None and not h.reward_timeout > 0:
-            raise ConfigError(f"model.reward_timeout must be > 0 seconds or null, got {h.reward_timeout}")
-        self._check_group_size()
-        if not isinstance(h.trust_remote_code, bool):
-            raise ConfigError(f"model.trust_remote_code must be true or false, got {h.trust_remote_code!r}")
-        if self.optimizer_factory is None:
-            raise ConfigError("model.optimizer must name an optimizer (e.g. class_path: torch.optim.AdamW), got null")
-        self._try_optimizer()
-        path = h.model_name_or_path
-        if path != "quickstart" and (path is None or not str(path).strip() or not Path(path).is_dir()):
-            raise ConfigError(
-                f"model.model_name_or_path: {path!r} is not a local folder (nothing is "
-                "downloaded; save the model with save_pretrained and give its path)"
-            )
-        if path != "quickstart" and not any((Path(path) / f).is_file() for f in ("config.json", "adapter_config.json")):
-            raise ConfigError(
-                f"model.model_name_or_path: {path!r} holds no config.json: not a model folder written by "
-                "save_pretrained"
-            )
-        check_adapter_packages(h.quantization, h.lora)  # quant extra installed; quantization needs lora
-        if h.merge_adapters_on_export and h.lora is None:
-            raise ConfigError("model.merge_adapters_on_export merges LoRA adapters and needs model.lora")
-
-    def _check_numbers(self) -> None:
-        """NaN and inf pass a YAML float and every ``<`` / ``>`` check (NaN compares False), then wreck the run
-        later (a NaN ``max_grad_norm`` turns every weight into NaN): refuse them where they make no sense."""
-        h = self.hparams
-        # inf is meaningful for these two: no truncation, no clipping.
-        for key in ("tis_cap", "max_grad_norm"):
-            if h[key] is not None and math.isnan(h[key]):
-                raise ConfigError(f"model.{key} must be a number or null, got nan")
-        for key in ("kl_beta", "entropy_coef", "val_success_threshold", "reward_fallback"):
-            if h[key] is None or not math.isfinite(h[key]):
-                raise ConfigError(f"model.{key} must be a finite number, got {h[key]}")
-        if h.reward_timeout is not None and math.isinf(h.reward_timeout):
-            raise ConfigError(f"model.reward_timeout must be a finite number of seconds, got {h.reward_timeout} "
-                              "(null waits forever)")
-        # Rewards are summed in float64 and then kept in float32: a weight or fallback beyond float32's range
-        # turns every reward into inf.
-        if abs(h.reward_fallback) > FLOAT32_MAX:
-            raise ConfigError(f"model.reward_fallback = {h.reward_fallback:g} is beyond float32's range (+-3.4e38)")
-        for i, weight in enumerate(h.reward_weights or ()):
-            if weight is None or not math.isfinite(weight) or abs(weight) > FLOAT32_MAX:
-                raise ConfigError(
-                    f"model.reward_weights[{i}] must be a finite number within float32's range (+-3.4e38), "
-                    f"got {weight}"
-                )
-
-    def _check_group_size(self) -> None:
-        from drpo_lightning.registry import ADVANTAGES
-
-        need = int(getattr(self.advantage, "min_group_size", 1))
-        if self.hparams.num_generations < need:
-            name = ADVANTAGES.name_of(type(self.advantage)) or type(self.advantage).__name__
-            raise ConfigError(
-                f"model.num_generations: advantage {name!r} compares the completions of a prompt and needs "
-                f"model.num_generations >= {need}, got {self.hparams.num_generations} (every advantage would "
-                "be 0 and nothing would train); for one sample per prompt use model.advantage: reinforce_pp"
-            )
-
-    def _try_optimizer(self) -> None:
-        """Build the optimizer (and scheduler) factory on a throw-away parameter, so torch's own argument checks
-        (``lr: -1``, ``betas`` out of range, ...) run now, before the model loads, and end in one line."""
-        dummy = torch.nn.Parameter(torch.zeros(2, 2))  # 2-D: some optimizers (Muon) refuse other shapes
-        key = "model.optimizer"
-        try:
-            optimizer = self.optimizer_factory([dummy])
-            if self.scheduler_factory is not None:
-                key = "model.lr_scheduler"
-                self.scheduler_factory(optimizer)
-        except (ValueError, TypeError) as err:
-            message = " ".join(str(err).split()) or type(err).__name__
-            raise ConfigError(f"{key}: {message}") from err
-        except Exception:
-            # Anything else may be an artefact of the fake parameter: the real build decides.
-            return
-
-    def _check_sizes(self, prompts_per_batch: int) -> None:
-        h = self.hparams
-        n = prompts_per_batch * h.num_generations
-        if n % h.num_minibatches:
-            raise ConfigError(
-                f"data.batch_size * model.num_generations = {prompts_per_batch} * {h.num_generations} = {n} "
-                f"completions do not split into model.num_minibatches = {h.num_minibatches} equal minibatches"
-            )
-        mb = n // h.num_minibatches
-        if h.micro_batch_size is not None and mb % h.micro_batch_size:
-            raise ConfigError(
-                f"minibatch of {mb} completions is not a multiple of model.micro_batch_size = {h.micro_batch_size}"
-            )
+        self.feed: RolloutFeed | None = None
 
     @property
     def model_path(self) -> str:
@@ -326,33 +195,9 @@ class RLModule(pl.LightningModule):
                 self.tokenizer.pad_token = self.tokenizer.eos_token
         datamodule = getattr(self.trainer, "datamodule", None)
         if stage == "fit" and datamodule is not None and hasattr(datamodule, "batch_size"):
-            self._check_sizes(int(datamodule.batch_size))  # prompts per rank per step
+            checks.check_sizes(self, int(datamodule.batch_size))  # prompts per rank per step
         if stage == "fit":
-            self._check_topk()
-
-    def _check_topk(self) -> None:
-        """An objective asking for more of mu's top log-probs than the vocabulary has fails inside ``topk``
-        at the first step: check it against the model's config.json before the weights load."""
-        wanted = int(getattr(self.objective, "requires_topk", 0) or 0)
-        if wanted <= 0:
-            return
-        from transformers import AutoConfig
-
-        try:
-            config = AutoConfig.from_pretrained(
-                self.model_path, local_files_only=True, trust_remote_code=self.hparams.trust_remote_code
-            )
-        except (OSError, ValueError):  # e.g. an adapter folder without config.json: topk fails at the first step
-            return
-        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        vocab = getattr(text_config, "vocab_size", None)
-        if vocab is not None and wanted > int(vocab):
-            name = type(self.objective).__name__
-            key = "model.objective.init_args.topk" if hasattr(self.objective, "topk") else "model.objective"
-            raise ConfigError(
-                f"{key}: {name} asks for the top {wanted} log-probs of each token, but the policy's vocabulary "
-                f"has {vocab} tokens ({self.hparams.model_name_or_path}); use a topk <= {vocab}"
-            )
+            checks.check_topk(self)
 
     def configure_model(self) -> None:
         if self.policy is not None:
@@ -374,26 +219,7 @@ class RLModule(pl.LightningModule):
                 self.policy, self.model_path, trust_remote_code=h.trust_remote_code, model_kwargs=h.model_kwargs
             )
         if self.device_mesh is not None:
-            self._shard_fsdp2()
-
-    def _shard_fsdp2(self) -> None:
-        """FSDP2 under Lightning's ``ModelParallelStrategy``: ``fully_shard`` each decoder layer (classes from
-        the model's ``_no_split_modules``), then the model, over the data-parallel mesh. The reference model,
-        if any, is sharded the same way."""
-        from drpo_lightning.distributed import shard_with_fsdp2
-
-        mesh = self.device_mesh
-        if "data_parallel" in (mesh.mesh_dim_names or ()):
-            if "tensor_parallel" in mesh.mesh_dim_names and mesh["tensor_parallel"].size() > 1:
-                raise ConfigError(
-                    "ModelParallelStrategy with tensor_parallel_size > 1 is not supported by RLModule; set "
-                    "trainer.strategy.init_args.data_parallel_size to the number of devices and "
-                    "tensor_parallel_size: 1 (pure FSDP2)"
-                )
-            mesh = mesh["data_parallel"]
-        shard_with_fsdp2(self.policy, mesh)
-        if self.reference is not None:
-            shard_with_fsdp2(self.reference, mesh)
+            pieces.shard_fsdp2(self)
 
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]
@@ -404,22 +230,7 @@ class RLModule(pl.LightningModule):
 
     # -- pieces of a step -----------------------------------------------------------------------------
     def _encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        from drpo_lightning.data import format_prompts
-
-        chat = self.hparams.chat_template
-        texts = format_prompts(self.tokenizer, prompts, chat, self.hparams.system_prompt)
-        templated = bool(getattr(self.tokenizer, "chat_template", None)) if chat is None else chat
-        # A rendered chat template already holds any BOS token.
-        enc = self.tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=not templated)
-        limit = self._max_prompt_length()
-        lengths = enc["attention_mask"].sum(-1)
-        if limit is not None and int(lengths.max()) > limit:
-            i = int(lengths.argmax())
-            raise ConfigError(
-                f"a prompt of {int(lengths[i])} tokens exceeds model.max_prompt_length = {limit} "
-                f"(context minus rollout.max_new_tokens): {prompts[i][:60]!r}"
-            )
-        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        return pieces.encode_prompts(self, prompts)
 
     def _max_prompt_length(self) -> int | None:
         if self.hparams.max_prompt_length is not None:
@@ -444,26 +255,7 @@ class RLModule(pl.LightningModule):
         )
 
     def _score(self, batch: dict[str, list], rollout: RolloutBatch, num_generations: int):
-        from drpo_lightning.rewards.combine import compute_rewards
-
-        lengths = rollout.completion_mask.sum(-1).long().tolist()
-        ids = rollout.completion_ids.tolist()
-        completions = self.tokenizer.batch_decode(
-            [row[:n] for row, n in zip(ids, lengths)], skip_special_tokens=True
-        )
-        # Each prompt's columns are repeated for its G completions (rows of a group are adjacent).
-        columns = {k: [v for v in vals for _ in range(num_generations)] for k, vals in batch.items()}
-        prompts = columns.pop("prompt")
-        return compute_rewards(
-            self.rewards,
-            self.hparams.reward_weights,
-            prompts,
-            completions,
-            columns,
-            on_error=self.hparams.reward_on_error,
-            fallback=self.hparams.reward_fallback,
-            timeout=self.hparams.reward_timeout,
-        )
+        return pieces.score(self, batch, rollout, num_generations)
 
     def _token_stats(self, model, rollout: RolloutBatch, rows: torch.Tensor, with_topk: bool):
         from drpo_lightning.distributed import call_through, unwrap
@@ -487,27 +279,8 @@ class RLModule(pl.LightningModule):
         )
 
     def _rollout_temperature(self) -> float:
-        """The temperature the rollout sampled at: ``rollout.sampling.temperature`` (HFRollout) or
-        ``rollout.temperature``.
-
-        The temperature is part of the rollout contract: the training forward divides the logits by it so that
-        its log-probs and the behaviour log-probs the engine reported are of the same distribution. A rollout
-        with neither attribute is taken to sample at temperature 1, with a warning (once) naming its class.
-        """
-        sampling = getattr(self.rollout, "sampling", None)
-        for owner in (sampling, self.rollout):
-            if owner is not None and hasattr(owner, "temperature"):
-                return float(owner.temperature)
-        if not getattr(self, "_warned_temperature", False):
-            self._warned_temperature = True
-            rank_zero_warn(
-                f"rollout {type(self.rollout).__name__} has no `temperature` attribute (nor "
-                "`sampling.temperature`): assuming it samples at temperature 1. If it samples at another "
-                "temperature, the training log-probs and the trust region are wrong; expose it as "
-                "`temperature` (part of the rollout contract)",
-                category=UserWarning,
-            )
-        return 1.0
+        """The temperature the rollout sampled at (part of the rollout contract; see :mod:`loop.pieces`)."""
+        return pieces.rollout_temperature(self)
 
     def _micro_batches(self, rows: torch.Tensor) -> list[torch.Tensor]:
         size = self.hparams.micro_batch_size or rows.numel()
@@ -550,9 +323,11 @@ class RLModule(pl.LightningModule):
         scheduler = self.lr_schedulers()
         G = h.num_generations
 
-        # 1. rollout
-        prompt_ids, prompt_mask = self._encode_prompts(batch["prompt"])
-        rollout = self._generate(prompt_ids, prompt_mask, G, topk=getattr(self.objective, "requires_topk", 0))
+        # 1. rollout: this step's prompts go to the source; train on the rollout of the batch k steps older
+        taken = self.feed.take(batch)
+        if taken is None:
+            return  # the first k steps of a worker with max_staleness k only fill its pipeline
+        batch, rollout = taken
         rollout_seconds = time.perf_counter() - step_start
         mask = rollout.completion_mask.float()  # [N, T]
 
@@ -618,90 +393,17 @@ class RLModule(pl.LightningModule):
                     step_loss = step_loss + loss.detach()
                 self._optimizer_update(optimizer, scheduler, step_loss, metrics)
 
+        self.feed.sync()  # the source samples the coming batches with the new weights
+
         # 5. metrics
         step_seconds = time.perf_counter() - step_start
         self._log_step(rollout, scored, rewards, advantages, metrics, rollout_seconds, step_seconds)
 
     def _optimizer_update(self, optimizer, scheduler, loss: torch.Tensor, metrics) -> None:
-        max_norm = self.hparams.max_grad_norm if self.hparams.max_grad_norm is not None else float("inf")
-        grad_norm = self._clip_grad_norm(max_norm)
-        metrics["loss"].append(loss)
-        metrics["grad_norm"].append(grad_norm.detach())
-        finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
-        clipped_norm = None
-        if finite and self.hparams.max_grad_norm is not None:
-            # Clipping scales the gradient by max_norm / norm: a finite norm can still give a NaN gradient (a
-            # NaN max_grad_norm set after the config check, a clipping bug), so measure what the optimizer
-            # would apply. The norm is global (a collective on every rank, which all reach: `finite` agrees).
-            clipped_norm = self._clip_grad_norm(float("inf"))
-            finite = bool(torch.isfinite(clipped_norm))
-        if not finite:
-            # A non-finite update would wreck the policy silently: skip it, count it, stop if it persists.
-            optimizer.zero_grad(set_to_none=True)
-            self.skipped_updates += 1
-            self._consecutive_skips += 1
-            if self._consecutive_skips >= self.hparams.max_consecutive_skips:
-                clipped = "" if clipped_norm is None else f", after clipping {float(clipped_norm):.4g}"
-                raise UserError(
-                    f"{self._consecutive_skips} consecutive updates had a non-finite loss or gradient "
-                    f"(loss={float(loss):.4g}, grad_norm={float(grad_norm):.4g}{clipped}); stopping. Lower the "
-                    "learning rate or check the rewards (model.max_consecutive_skips)"
-                )
-            return
-        self._consecutive_skips = 0
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if scheduler is not None:
-            scheduler.step()
-
-    def _clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        """Clip the policy gradient to ``max_norm`` (inf: measure only) and return its total norm.
-
-        Sharded gradients need the norm over all shards: FSDP1 through the root unit's ``clip_grad_norm_``
-        (``torch.nn.utils.clip_grad_norm_`` would clip each rank by its own shard's norm), FSDP2 through
-        ``clip_grad_norm_`` on DTensor gradients. Both are collectives, called on every rank.
-        """
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        from drpo_lightning.distributed import is_sharded
-
-        root = self.trainer.strategy.model if self._trainer is not None else None
-        if isinstance(root, FullyShardedDataParallel):
-            return root.clip_grad_norm_(max_norm).detach()
-        params = [p for p in self.policy.parameters() if p.grad is not None]
-        if not params and not is_sharded(self.policy):
-            return torch.zeros((), device=self.device)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        full_tensor = getattr(grad_norm, "full_tensor", None)  # a DTensor for FSDP2 gradients
-        return (full_tensor() if callable(full_tensor) else grad_norm).detach()
+        optimizer_update(self, optimizer, scheduler, loss, metrics)
 
     def _log_step(self, rollout, scored, rewards, advantages, metrics, rollout_seconds, step_seconds) -> None:
-        G = self.hparams.num_generations
-        mask = rollout.completion_mask
-        tokens = float(mask.sum())
-        group_std = rewards.view(-1, G).std(-1) if G > 1 else torch.zeros(rewards.numel())
-        log = {
-            "reward/std": rewards.std() if rewards.numel() > 1 else torch.zeros(()),
-            "reward/zero_std_group_frac": (group_std == 0).float().mean(),
-            "advantage/abs_mean": advantages.abs().mean(),
-            "completion/length_mean": mask.sum(-1).float().mean(),
-            "completion/truncated_frac": rollout.truncated.float().mean(),
-            "perf/tokens_per_s": torch.tensor(tokens / max(step_seconds, 1e-9)),
-            "perf/rollout_s": torch.tensor(rollout_seconds),
-            "perf/step_s": torch.tensor(step_seconds),
-            "train/skipped_updates": torch.tensor(float(self.skipped_updates)),
-        }
-        for name, values in scored.per_function.items():
-            log[f"reward/{name}"] = values.float().mean()
-        fallbacks = sum(scored.num_fallbacks.values())
-        log["reward/fallbacks"] = torch.tensor(float(fallbacks))
-        for key, values in metrics.items():
-            prefix = "" if "/" in key else "train/"
-            log[prefix + key] = torch.stack([v.float().reshape(()) for v in values]).mean()
-        batch_size = rewards.numel()
-        self.log("reward", rewards.mean(), prog_bar=True, on_step=True, on_epoch=False, batch_size=batch_size)
-        self.log_dict({k: v.detach().float().cpu() for k, v in log.items()}, on_step=True, on_epoch=False,
-                      batch_size=batch_size)
+        pieces.log_step(self, rollout, scored, rewards, advantages, metrics, rollout_seconds, step_seconds)
 
     # -- validation -----------------------------------------------------------------------------------
     def validation_step(self, batch: dict[str, list], batch_idx: int) -> None:
@@ -746,103 +448,27 @@ class RLModule(pl.LightningModule):
         self.val_pass_at_k.reset()
         self.val_reward.reset()
 
-    # -- checkpoint & export --------------------------------------------------------------------------
+    # -- checkpoint, resume, rollout source, export (see loop/state.py and loop/feed.py) ---------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        from drpo_lightning.checkpoint import gather_rng_states
-
-        checkpoint["drpo_counters"] = {"skipped_updates": self.skipped_updates,
-                                       "consecutive_skips": self._consecutive_skips,
-                                       "initial_val_accuracy": self.initial_val_accuracy}
-        # Lightning saves no RNG state: keep every rank's torch / CUDA / numpy / python states (a collective).
-        checkpoint["drpo_rng_states"] = gather_rng_states(self.trainer if self._trainer is not None else None)
-        self._keep_only_adapter_weights(checkpoint)
-        if self._trainer is not None:
-            settle_loop_position(checkpoint, self.trainer.num_training_batches)
-            if self.trainer.optimizers:  # a resume with another optimizer is then refused up front
-                checkpoint["drpo_optimizer"] = optimizer_name(self.trainer.optimizers[0])
-        # The KL reference is the frozen initial policy, reloaded from model_name_or_path: not worth a second
-        # copy of the model in every checkpoint, and a resume may turn the KL term on or off.
-        state = checkpoint.get("state_dict")
-        if isinstance(state, dict):
-            checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith("reference.")}
+        state.save_state(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        counters = checkpoint.get("drpo_counters", {})
-        self.skipped_updates = int(counters.get("skipped_updates", 0))
-        self._consecutive_skips = int(counters.get("consecutive_skips", 0))
-        self.initial_val_accuracy = counters.get("initial_val_accuracy")
-        self._rng_to_restore = checkpoint.get("drpo_rng_states")
-        self._check_adapter_weights(checkpoint)
-        state = checkpoint.get("state_dict")
-        if isinstance(state, dict):  # the reference is never restored from a checkpoint (see on_save_checkpoint)
-            state = {k: v for k, v in state.items() if not k.startswith("reference.")}
-            if self.reference is not None:
-                state.update({f"reference.{k}": v for k, v in self.reference.state_dict().items()})
-            checkpoint["state_dict"] = state
+        state.load_state(self, checkpoint)
 
     def on_train_start(self) -> None:
-        # RNG states from a checkpoint are applied here, right before the first resumed step, so nothing that
-        # runs between loading and training (model set-up, moving to the device) consumes them.
-        states = getattr(self, "_rng_to_restore", None)
-        if states:
-            from drpo_lightning.checkpoint import restore_rng_states
+        state.restore_rng(self)
+        # After the RNG restore: the in-process source samples from the trainer's RNG stream.
+        self.feed = RolloutFeed(self)
+        self.feed.open(getattr(self, "_rollout_to_restore", None))
+        self._rollout_to_restore = None
 
-            restore_rng_states(states, self.trainer)
-        self._rng_to_restore = None
+    def on_train_end(self) -> None:
+        if self.feed is not None:
+            self.feed.close()
 
-    # -- adapter (LoRA) checkpoints: trainable weights + optimizer state only -------------------------
-    def _trainable_keys(self) -> set[str]:
-        return {name for name, p in self.named_parameters() if p.requires_grad}
-
-    def _keep_only_adapter_weights(self, checkpoint: dict[str, Any]) -> None:
-        """With ``model.lora`` drop the frozen (possibly quantized) base weights from the checkpoint: they
-        are reloaded from ``model_name_or_path`` on resume (``strict_loading`` is off for that). The
-        ``quantization``/``lora`` hyperparameters are stored as plain dicts, which ``torch.load`` with
-        ``weights_only=True`` (Lightning's default on resume) accepts; the module takes either form."""
-        import dataclasses
-
-        hparams = checkpoint.get("hyper_parameters")
-        for key in ("quantization", "lora"):
-            if isinstance(hparams, dict) and dataclasses.is_dataclass(hparams.get(key)):
-                hparams[key] = dataclasses.asdict(hparams[key])
-        if self.hparams.lora is None or self.policy is None or "state_dict" not in checkpoint:
-            return
-        keep = self._trainable_keys()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-
-    def _check_adapter_weights(self, checkpoint: dict[str, Any]) -> None:
-        """Non-strict loading must not hide missing adapters: every trainable weight must be there."""
-        if self.hparams.lora is None or self.policy is None or "state_dict" not in checkpoint:
-            return
-        missing = sorted(self._trainable_keys() - set(checkpoint["state_dict"]))
-        if missing:
-            raise ConfigError(
-                f"the checkpoint lacks {len(missing)} adapter weights of this model.lora setting (e.g. "
-                f"{missing[0]}): it was saved with other model.lora or model.model_name_or_path values"
-            )
+    def teardown(self, stage: str) -> None:
+        if self.feed is not None:  # also after an exception: the worker must not outlive the run
+            self.feed.close()
 
     def on_fit_end(self) -> None:
-        if self.hparams.export_dir == "":
-            return
-        target = self.hparams.export_dir or str(Path(self.trainer.log_dir or self.trainer.default_root_dir) / "export")
-        from drpo_lightning.distributed import full_state_dict, is_sharded, save_pretrained_full
-
-        if is_sharded(self.policy):
-            # FSDP / FSDP2: gather the full weights (a collective on every rank), write them from rank 0.
-            state_dict = full_state_dict(self.trainer.strategy.model, prefix="policy.")
-            if self.trainer.is_global_zero:
-                save_pretrained_full(self.policy, target, state_dict)
-                self.tokenizer.save_pretrained(target)
-                self.print(f"exported the trained policy to {target}")
-            self.export_path = target
-            self.trainer.strategy.barrier("drpo-export")
-            return
-        if self.trainer.is_global_zero:
-            from drpo_lightning.models import export_policy
-
-            export_policy(self.policy, target, merge_adapters=self.hparams.merge_adapters_on_export,
-                          base_path=self.model_path, trust_remote_code=self.hparams.trust_remote_code,
-                          model_kwargs=self.hparams.model_kwargs)
-            self.tokenizer.save_pretrained(target)
-            self.print(f"exported the trained policy to {target}")
-        self.export_path = target
+        state.export(self)

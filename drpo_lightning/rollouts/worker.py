@@ -129,6 +129,16 @@ class _Channel:
         self.sock.close()
 
 
+def _engine_class(name: str) -> type:
+    """The registered rollout engine a worker runs (by name: the wire carries no code or class paths)."""
+    from drpo_lightning.registry import ROLLOUTS
+
+    try:
+        return ROLLOUTS.get(name)
+    except UserError as err:
+        raise ConfigError(f"rollout worker engine: {err}") from err
+
+
 def _batch_tensors(batch: RolloutBatch) -> dict[str, torch.Tensor]:
     return {k: v for k, v in batch._asdict().items() if v is not None}
 
@@ -227,7 +237,7 @@ class WorkerRolloutSource(RolloutSource):
     """Batches from a rollout worker process sampling with its own copy of the policy.
 
     Args:
-        engine: keyword arguments of the worker's :class:`~drpo_lightning.rollouts.hf.HFRollout`.
+        engine: keyword arguments of the worker's engine (``engine_name``, a registered rollout plugin).
         model_path: local model folder the worker builds the policy's architecture from.
         policy_state_dict: the trainer's current (full, unsharded) weights, sent as sync 0.
         max_staleness: k of the schedule: batch t is sampled with the weights after ``max(0, t - k)`` syncs.
@@ -253,6 +263,7 @@ class WorkerRolloutSource(RolloutSource):
         join_group: on trainer rank r > 0: ``(rank 0's sender.address, r + 1, num_ranks + 1)``: this rank's
             worker joins rank 0's group and receives rank 0's broadcasts; :meth:`sync` here only tells the
             worker the layout and version (it needs the state dict or its layout, not a send).
+        engine_name: registered name of the engine the worker runs (default ``hf``).
     """
 
     def __init__(self, engine: dict[str, Any], model_path: str, policy_state_dict: dict[str, torch.Tensor], *,
@@ -262,9 +273,7 @@ class WorkerRolloutSource(RolloutSource):
                  host: str = "127.0.0.1", port: int = 0, backend: str = "gloo", trainer_device: str = "cpu",
                  threads: int | None = None, name: str | None = None, log_path: str | None = None,
                  weight_sender: WeightSender | None = None,
-                 join_group: tuple[str, int, int] | None = None) -> None:
-        from drpo_lightning.rollouts.hf import HFRollout
-
+                 join_group: tuple[str, int, int] | None = None, engine_name: str = "hf") -> None:
         super().__init__()
         if max_staleness < 0:
             raise ConfigError(f"rollout max_staleness must be >= 0, got {max_staleness}")
@@ -273,7 +282,7 @@ class WorkerRolloutSource(RolloutSource):
             raise ConfigError(f"rollout worker weight sync: backend {backend!r} with the trainer's weights "
                               f"on {trainer_device!r}; use gloo with cpu or nccl with a cuda device")
         try:
-            HFRollout(**engine)  # the worker would build the same engine: fail here, before it starts
+            _engine_class(engine_name)(**engine)  # the worker builds the same engine: fail here, before it starts
         except (TypeError, ValueError) as err:
             raise ConfigError(f"rollout worker engine: {err}") from err
         self.max_staleness = int(max_staleness)
@@ -317,7 +326,8 @@ class WorkerRolloutSource(RolloutSource):
             hello = self._recv("its start", self.start_timeout)
             self.worker_pid = int(hello.get("pid", -1))
             self._send({"op": "init", "model_path": str(model_path), "model_kwargs": model_kwargs or {},
-                        "engine": engine, "max_staleness": self.max_staleness, "eos_token_id": eos_token_id,
+                        "engine": engine, "engine_name": engine_name, "max_staleness": self.max_staleness,
+                        "eos_token_id": eos_token_id,
                         "pad_token_id": int(pad_token_id), "device": device, "threads": threads,
                         "name": self.name, "sync": {"host": group_host, "port": int(group_port),
                                                     "rank": worker_rank, "world_size": world_size,
@@ -540,7 +550,6 @@ class _Worker:
 
     def __init__(self, channel: _Channel, init: dict[str, Any], trainer_host: str) -> None:
         from drpo_lightning.models import disable_dropout, load_causal_lm
-        from drpo_lightning.rollouts.hf import HFRollout
 
         self.channel = channel
         self.name = init.get("name") or "rollout worker"
@@ -550,7 +559,7 @@ class _Worker:
         self.k = int(init["max_staleness"])
         self.eos_token_id = init["eos_token_id"]
         self.pad_token_id = int(init["pad_token_id"])
-        self.engine = HFRollout(**init["engine"])
+        self.engine = _engine_class(init.get("engine_name") or "hf")(**init["engine"])
         self.model = load_causal_lm(init["model_path"], model_kwargs=init.get("model_kwargs")).to(self.device)
         disable_dropout(self.model)
         self.model.eval()

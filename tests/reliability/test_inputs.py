@@ -84,8 +84,9 @@ def test_null_or_non_finite_sampling_values_are_one_line(value, fragment, tmp_pa
 def test_property_tests_draw_the_same_examples_on_every_run():
     """tests/conftest.py loads a derandomized profile: a property test's examples are a function of the test,
     so a red CI run reproduces and a green one stays green. (HYPOTHESIS_PROFILE=random searches afresh.)"""
-    if os.environ.get("HYPOTHESIS_PROFILE", "deterministic") != "deterministic":
-        pytest.skip("a randomised hypothesis profile was asked for")
+    current = getattr(settings, "get_current_profile_name", lambda: settings._current_profile)()
+    if current != "deterministic":  # HYPOTHESIS_PROFILE=random or --hypothesis-profile=random
+        pytest.skip(f"hypothesis profile {current!r} was asked for")
     assert settings.default.derandomize and settings.default.database is None and settings.default.print_blob
 
     def draws() -> list[int]:

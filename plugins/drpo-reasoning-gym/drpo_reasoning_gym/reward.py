@@ -71,6 +71,11 @@ class ReasoningGymReward(RewardFunction):
         self.answer_column = answer_column
         self._scorers: dict[str, Callable[..., float]] = {}
 
+    @property
+    def required_columns(self) -> tuple[str, ...]:
+        """Each row's metadata, and its dataset name unless ``task`` names one for all rows."""
+        return (self.metadata_column,) if self.task is not None else (self.metadata_column, self.task_column)
+
     def extract_answer(self, completion: str) -> str | None:
         """The answer part of ``completion`` (None when there is none)."""
         if self.extract == "full":
