@@ -301,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return worker_main(argv[1:])
         if argv and argv[0] == "sweep":
-            from drpo_lightning.sweep import main as sweep_main
+            from drpo_lightning.sweep_cli import main as sweep_main
 
             return sweep_main(argv[1:])
         load_all()

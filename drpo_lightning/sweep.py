@@ -34,7 +34,6 @@ pairs; :mod:`drpo_lightning.study` turns a finished sweep into the stability rep
 
 from __future__ import annotations
 
-import argparse
 import copy
 import csv
 import fcntl
@@ -56,7 +55,7 @@ import yaml
 
 from drpo_lightning.errors import ConfigError
 
-__all__ = ["Grid", "Run", "load_grid", "main", "run_grid", "read_result"]
+__all__ = ["Grid", "Run", "load_grid", "run_grid", "read_result"]
 
 BEFORE_RE = re.compile(r"held-out accuracy before training \(mean@\d+\): ([0-9.]+)")
 # What `drpo fit` prints when it ends: Lightning's own line at max_steps, RLCheckpoint's on a SIGTERM stop.
@@ -344,34 +343,3 @@ def _run_locked(grid: Grid, jobs: int, only: str | None, command, echo, lock_fd:
             counts[outcome] += 1
     echo(f"sweep: {counts['done']} done, {counts['failed']} failed, {counts['skipped']} already finished")
     return counts
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="drpo sweep", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="action", required=True)
-    for action, help_ in (("run", "run the unfinished runs"), ("status", "list runs and their state"),
-                          ("report", "write the stability report of a finished sweep")):
-        p = sub.add_parser(action, help=help_)
-        p.add_argument("--grid", required=True, help="grid YAML file")
-        p.add_argument("--out-dir", default=None, help="override the grid's out_dir")
-        if action == "run":
-            p.add_argument("--jobs", type=int, default=None, help="runs at a time (default: the grid's jobs)")
-            p.add_argument("--only", default=None, help="regular expression on run names to restrict to")
-        if action == "report":
-            p.add_argument("--out", default="docs/results", help="folder for the report and its plots")
-            p.add_argument("--command", default=None, help="the command line to print at the report's top")
-    args = parser.parse_args(list(argv) if argv is not None else None)
-    grid = load_grid(args.grid, args.out_dir)
-    if args.action == "status":
-        for run in grid.runs:
-            print(f"{run.state():<8} {run.name}")
-        return 0
-    if args.action == "run":
-        counts = run_grid(grid, jobs=args.jobs, only=args.only)
-        return 1 if counts["failed"] else 0
-    from drpo_lightning.study import write_report
-
-    path = write_report(grid, Path(args.out), command=args.command)
-    print(f"sweep: report written to {path}")
-    return 0

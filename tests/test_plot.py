@@ -104,3 +104,19 @@ def test_dispatched_by_the_drpo_command(tmp_path):
     out = tmp_path / "w.png"
     assert drpo(["plot-weights", "--objectives", "drpo", "--out", str(out), "--points", "11"]) == 0
     assert out.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_plot_weights_help_shows_defaults_and_the_legend_names_every_argument(capsys):
+    from drpo_lightning.objectives.dppo import DPPO
+    from drpo_lightning.objectives.drpo import DRPO
+    from drpo_lightning.objectives.ppo import PPO
+    from drpo_lightning.plot import _label, main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "(default: 0.5)" in out and "(default: 399)" in out and "1 +- 0.08" in out
+    # Defaults included: the near-flat default DRPO line is labelled with its delta.
+    assert _label("drpo", DRPO()) == "drpo (delta=12.5)"
+    assert _label("ppo", PPO(clip_high=0.28)) == "ppo (clip_low=0.2, clip_high=0.28, dual_clip=None)"
+    assert _label("dppo", DPPO()) == "dppo (divergence=tv, delta_low=0.15, delta_high=0.15, ratio_cap=20.0)"

@@ -12,7 +12,8 @@ import yaml
 
 from drpo_lightning.errors import ConfigError
 from drpo_lightning.study import _paired_table, _verdict, paired_test, run_summary, trust_region_series
-from drpo_lightning.sweep import load_grid, main, read_result, run_grid, set_dotted
+from drpo_lightning.sweep import load_grid, read_result, run_grid, set_dotted
+from drpo_lightning.sweep_cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -325,3 +326,18 @@ def test_a_killed_sweeps_running_child_keeps_the_folder_locked(tmp_path):
         if parent.poll() is None:
             parent.kill()
             parent.wait(timeout=30)
+
+
+def test_sweep_and_study_do_not_import_each_other():
+    """The grid runner knows nothing of reports; the report reads the runner's grid (no import circle)."""
+    import ast
+
+    import drpo_lightning.study as study
+    import drpo_lightning.sweep as sweep_module
+
+    def imported(module) -> set[str]:
+        tree = ast.parse(Path(module.__file__).read_text())
+        return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+
+    assert "drpo_lightning.study" not in imported(sweep_module)
+    assert "drpo_lightning.sweep_cli" not in imported(study) | imported(sweep_module)
