@@ -84,9 +84,15 @@ def load_checkpoint_meta(path: Path) -> dict[str, Any]:
     try:
         loaded = torch.load(target, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # a text file, a truncated or empty archive, pickled objects, ...
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if "Weights only load failed" in str(err):
-            reason = "it holds pickled Python objects, which weights-only loading refuses (nothing in it was run)"
+            import re
+
+            unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+            what = f" ({unsupported.group(1)})" if unsupported else ""
+            raise ConfigError(f"ckpt_path: the checkpoint holds pickled Python objects{what}, which weights-only "
+                              "loading refuses (nothing in it was run); resume only from checkpoints written by "
+                              "drpo fit") from err
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"ckpt_path: {path} is not a checkpoint drpo can resume from: {reason}") from err
     if not isinstance(loaded, dict) or "global_step" not in loaded:
         raise ConfigError(f"ckpt_path: {path} is not a checkpoint written by drpo fit (no global_step in it)")

@@ -130,7 +130,8 @@ def test_every_shipped_config_checkpoints_atomically_with_last_and_sigterm(confi
     callbacks = [c for c in trainer.get("callbacks") or [] if "Checkpoint" in c["class_path"]]
     assert [c["class_path"] for c in callbacks] == ["drpo_lightning.checkpoint.RLCheckpoint"]
     assert callbacks[0]["init_args"]["save_last"] is True
-    sharded = (trainer.get("strategy") or {}).get("init_args", {}).get("state_dict_type") == "sharded"
+    strategy = trainer.get("strategy")
+    sharded = isinstance(strategy, dict) and strategy.get("init_args", {}).get("state_dict_type") == "sharded"
     plugins = [p["class_path"] for p in trainer.get("plugins") or []]
     # A sharded checkpoint is a folder: RLCheckpoint publishes it atomically itself.
     assert sharded or "drpo_lightning.checkpoint.AtomicCheckpointIO" in plugins

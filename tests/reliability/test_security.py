@@ -21,6 +21,7 @@ import yaml
 from rel_helpers import ROOT, assert_one_line_error, tiny_fit_args
 
 from drpo_lightning.cli import main
+from drpo_lightning.errors import ConfigError
 from drpo_lightning.module import RLModule
 from drpo_lightning.registry import ALLOW_LIST_ENV, DISABLE_AUTOLOAD_ENV, OBJECTIVES, load_all
 
@@ -94,8 +95,10 @@ def test_resume_refuses_a_checkpoint_with_pickled_objects_and_runs_none_of_it(tm
     assert_one_line_error(code, capsys.readouterr().err, "ckpt_path: the checkpoint holds pickled Python objects",
                           "nothing in it was run")
     assert not marker.exists()
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):  # --debug: the original error
+    with pytest.raises(ConfigError) as raised:  # --debug: the traceback, chained to torch's own refusal
         main(tiny_fit_args(tmp_path, f"--ckpt_path={evil}", "--debug"))
+    assert isinstance(raised.value.__cause__, pickle.UnpicklingError)
+    assert "Weights only load failed" in str(raised.value.__cause__)
     assert not marker.exists()
     torch.load(evil, weights_only=False)  # the control: a full unpickle does run the payload
     assert marker.exists()
