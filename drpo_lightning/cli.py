@@ -29,10 +29,11 @@ COMMANDS = {
     "plugins": "list the installed objectives, rollouts, rewards, advantages and tasks with their packages",
     "sweep": "run a grid of configs x seeds through drpo fit (resumable) and write a report",
     "plot-weights": "draw the objectives' gradient weight against the probability shift",
+    "plot-run": "draw a run's reward, held-out accuracy and trust-region metrics as PNG (finished or interrupted)",
     "rollout-worker": "serve rollouts to a trainer from this process (its own GPU or host): --trainer HOST:PORT",
 }
 """The ``drpo`` subcommands and their one-line descriptions (``drpo --help``)."""
-EXTRA_COMMANDS = ("plugins", "plot-weights", "sweep", "rollout-worker")
+EXTRA_COMMANDS = ("plugins", "plot-weights", "plot-run", "sweep", "rollout-worker")
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 
 
@@ -166,6 +167,9 @@ def _lightning_cli():
             from drpo_lightning.trainer_checks import check_trainer
 
             check_trainer({**trainer, **kwargs})  # what Lightning accepts but cannot work with RLModule
+            from drpo_lightning.summary import add_run_callbacks
+
+            add_run_callbacks(trainer)  # closing summary, step progress bar, one-line model summary
             try:
                 return super().instantiate_trainer(**kwargs)
             except (ValueError, MisconfigurationException) as err:
@@ -273,6 +277,9 @@ def _plugins_command(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``drpo`` console script."""
+    from drpo_lightning import quiet
+
+    quiet.install()  # before torch, Lightning and transformers print their start-up noise
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or bool(os.environ.get("DRPO_DEBUG"))
     argv = [a for a in argv if a != "--debug"]
@@ -296,6 +303,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from drpo_lightning.plot import main as plot_main
 
             return plot_main(argv[1:])
+        if argv and argv[0] == "plot-run":
+            from drpo_lightning.summary import main as plot_run_main
+
+            return plot_run_main(argv[1:])
         if argv and argv[0] == "rollout-worker":
             from drpo_lightning.rollouts.worker import main as worker_main
 

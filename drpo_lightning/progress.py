@@ -5,7 +5,7 @@ it does for RL) and show ``v_num``. Here a batch of prompts is one rollout step;
 num_minibatches`` updates per rollout, ``trainer.max_steps`` (updates) is translated back into rollouts, so
 a finished run always ends at ``N/N``::
 
-    step 37/100 · reward 0.812 · val/accuracy 0.652 · corrected 0.4% · 1.5 s/step · 0:55 < 1:34
+    step 37/100 · reward 0.812 · val/accuracy 0.652 · corrected 0.06% · 1.5 s/step · 0:55 < 1:34
 
 In a terminal the line is redrawn in place and the last state is printed exactly once; in a log file (not
 a terminal) one line is written every tenth of the run and after each held-out evaluation.
@@ -13,11 +13,13 @@ a terminal) one line is written every tenth of the run and after each held-out e
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import time
 from typing import Any
 
+from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 
 TRUST_REGION_METRICS = (
@@ -53,15 +55,16 @@ def trust_region_text(metrics: dict[str, Any]) -> str | None:
     """``corrected 0.4%`` for the objective's own trust-region share; a plugin's first ``*_frac`` metric."""
     for label, keys in TRUST_REGION_METRICS:
         if all(key in metrics for key in keys):
-            return f"{label} {100 * sum(float(metrics[key]) for key in keys):.1f}%"
+            return f"{label} {100 * sum(float(metrics[key]) for key in keys):.2f}%"
     for key, value in metrics.items():
         if "/" in key and key.split("/", 1)[0] not in _NOT_OBJECTIVE and key.endswith("_frac"):
-            return f"{key} {100 * float(value):.1f}%"
+            return f"{key} {100 * float(value):.2f}%"
     return None
 
 
-def _clock(seconds: float) -> str:
-    seconds = int(seconds)
+def clock(seconds: float) -> str:
+    """``M:SS`` or ``H:MM:SS``."""
+    seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
@@ -83,7 +86,7 @@ class StepProgressBar(ProgressBar):
         self._last_draw = 0.0
         self._start = None
         self._start_rollouts = 0
-        self._logged_at = -1
+        self._pending = ""  # a log line that is due (not a terminal)
         self._finished = False
 
     # -- ProgressBar interface ---------------------------------------------------------------------
@@ -120,6 +123,7 @@ class StepProgressBar(ProgressBar):
     def _clear(self) -> None:
         if self._line and self._tty():
             self._write("\r\x1b[2K")
+            self._last_draw = 0.0  # redraw at the next update, below whatever is printed now
 
     def _text(self, trainer: Any, pl_module: Any, extra: str = "") -> str:
         done, total = rollouts_done(trainer), planned_rollouts(trainer, pl_module)
@@ -141,9 +145,9 @@ class StepProgressBar(ProgressBar):
         if self._start is not None and done > self._start_rollouts:
             elapsed = time.monotonic() - self._start
             per_step = elapsed / (done - self._start_rollouts)
-            timing = f"{per_step:.2f} s/step · {_clock(elapsed)}"
+            timing = f"{per_step:.2f} s/step · {clock(elapsed)}"
             if total is not None:
-                timing += f" < {_clock(per_step * (total - done))}"
+                timing += f" < {clock(per_step * (total - done))}"
             parts.append(timing)
         if extra:
             parts.append(extra)
@@ -166,24 +170,44 @@ class StepProgressBar(ProgressBar):
         self._start = time.monotonic()
         self._start_rollouts = rollouts_done(trainer)
         self._finished = False
-        self._draw(self._text(trainer, pl_module), force=True)
+        if self._tty():  # Lightning's messages during training ("`Trainer.fit` stopped: ...") get a line of
+            for handler in logging.getLogger("lightning.pytorch").handlers:  # their own, the bar moves below
+                handler.addFilter(self._clear_before_log)
+        self._draw(self._text(trainer, pl_module), force=self._tty())
+
+    def _clear_before_log(self, record: logging.LogRecord) -> bool:
+        self._clear()
+        return True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         done, total = rollouts_done(trainer), planned_rollouts(trainer, pl_module)
-        every = max(1, (total or 100) // 10)
-        log_line = done % every == 0 or done == total
-        self._draw(self._text(trainer, pl_module), force=log_line if not self._tty() else done == total)
+        if self._tty():
+            self._draw(self._text(trainer, pl_module), force=done == total)
+        elif done % max(1, (total or 100) // 10) == 0 or done == total:
+            # written at the next batch, or replaced by the line after the evaluation that may follow
+            self._pending = self._text(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._flush_pending()
+
+    def _flush_pending(self) -> None:
+        if self._pending:
+            text, self._pending = self._pending, ""
+            self._draw(text, force=True)
 
     def on_sanity_check_start(self, trainer, pl_module) -> None:
-        self._draw("held-out evaluation before training", force=True)
+        if self._tty():  # a log gets the module's "held-out accuracy before training" line instead
+            self._draw("held-out evaluation before training", force=True)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if not self._tty():
             return
-        total = self.total_val_batches_current_dataloader
+        batches = trainer.num_sanity_val_batches if trainer.sanity_checking else trainer.num_val_batches
+        total = batches[dataloader_idx] if dataloader_idx < len(batches) else float("inf")
         where = "before training" if trainer.sanity_checking else "held-out"
         extra = f"{where} evaluation {batch_idx + 1}/{total if math.isfinite(total) else '?'}"
-        text = extra if trainer.sanity_checking else self._text(trainer, pl_module, extra)
+        fitting = trainer.state.fn == "fit" and not trainer.sanity_checking
+        text = self._text(trainer, pl_module, extra) if fitting else extra
         self._draw(text)
 
     def on_validation_end(self, trainer, pl_module) -> None:
@@ -192,7 +216,11 @@ class StepProgressBar(ProgressBar):
             self._line = ""
             return
         if trainer.state.fn == "fit":
+            self._pending = ""
             self._draw(self._text(trainer, pl_module), force=True)
+        else:  # drpo validate / test: Lightning prints its results table next
+            self._clear()
+            self._line = ""
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._finish(trainer, pl_module)
@@ -204,7 +232,33 @@ class StepProgressBar(ProgressBar):
         """The last state, once: a terminal keeps the drawn line and moves below it."""
         if self._finished or not self._enabled:
             return
+        self._flush_pending()
         if self._tty() and self._line:
             self._write("\r\x1b[2K" + self._text(trainer, pl_module) + "\n")
         self._line = ""
         self._finished = True
+        for handler in logging.getLogger("lightning.pytorch").handlers:
+            handler.removeFilter(self._clear_before_log)
+
+
+class ParamsSummary(ModelSummary):
+    """The model summary as one line. Lightning's table lists the module's metric objects and a FLOPs
+    column that is always 0 here (an RL module has no ``example_input_array`` to count them on)."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if not self._max_depth or not trainer.is_global_zero:
+            return
+        from lightning.pytorch.utilities.model_summary import summarize
+        from lightning.pytorch.utilities.model_summary.model_summary import (
+            get_formatted_model_size,
+            get_human_readable_count,
+        )
+
+        summary = summarize(pl_module, max_depth=1)
+        policy = getattr(pl_module, "policy", None)
+        name = type(policy).__name__ if policy is not None else type(pl_module).__name__
+        where = getattr(getattr(pl_module, "hparams", None), "get", lambda *_: None)("model_name_or_path")
+        trainable, total = summary.trainable_parameters, summary.total_parameters
+        print(f"policy: {name}{f' ({where})' if where else ''}, {get_human_readable_count(total).strip()} "
+              f"parameters ({get_human_readable_count(trainable).strip()} trainable, "
+              f"{get_formatted_model_size(summary.model_size)} MB)", flush=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import warnings
 
 WARNING_MESSAGES = (
@@ -23,7 +24,8 @@ WARNING_MESSAGES = (
 
 LOG_MESSAGES = {
     # Advertisements for Lightning's cloud products, printed on every run.
-    "lightning.pytorch.utilities.rank_zero": (r"💡 Tip:",),
+    # ... and the note that our one-line model summary replaces Lightning's table (summary.add_run_callbacks).
+    "lightning.pytorch.utilities.rank_zero": (r"💡 Tip:", r"Trainer already configured with model summary"),
     "lightning.fabric.utilities.rank_zero": (r"💡 Tip:",),
     # bitsandbytes tries an optional download of a faster CPU kernel; without network it works as before.
     "bitsandbytes.backends.cpu.ops": (r"Failed to load CPU gemm_4bit_forward",),
@@ -54,6 +56,11 @@ def install() -> None:
         return
     for key, value in ENVIRONMENT.items():
         os.environ.setdefault(key, value)
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1" and "huggingface_hub" in sys.modules:
+        # imported before us (a script that imports transformers first): the switch was already read
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
     for pattern in WARNING_MESSAGES:
         warnings.filterwarnings("ignore", message=pattern)
     for name, patterns in LOG_MESSAGES.items():

@@ -105,7 +105,7 @@ def test_quickstart_fit_runs_logs_checkpoints_and_exports(tmp_path):
         f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
         "--trainer.callbacks.init_args.every_n_train_steps=1", f"--trainer.callbacks.init_args.dirpath={tmp_path / 'ckpt'}",
         "--data.val_size=32", "--data.val_batch_size=32", "--data.batch_size=8",
-        f"--model.export_dir={tmp_path / 'export'}",
+        f"--model.export_dir={tmp_path / 'export'}", "--model.num_minibatches=1",
     ])
     assert code == 0
     with open(next(tmp_path.rglob("metrics.csv"))) as f:
@@ -125,7 +125,7 @@ def test_top_level_help_lists_every_subcommand_under_the_product_name(capsys):
     out = capsys.readouterr().out
     assert out.startswith("drpo-lightning ")
     assert "Lightning Trainer command line tool" not in out
-    for name in ("fit", "validate", "test", "plugins", "sweep", "plot-weights", "rollout-worker"):
+    for name in ("fit", "validate", "test", "plugins", "sweep", "plot-weights", "plot-run", "rollout-worker"):
         assert f"\n  {name} " in out and name in COMMANDS
     assert "predict" not in out  # Lightning's predict means nothing for an RL policy: not offered
 
@@ -140,7 +140,7 @@ def test_version_and_unknown_commands(capsys):
     assert main(["predict"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["drpo: error: unknown command 'predict'; the commands are fit, validate, test, plugins, sweep, "
-                   "plot-weights, rollout-worker (drpo --help)"]
+                   "plot-weights, plot-run, rollout-worker (drpo --help)"]
 
 
 def _plugin_help_cases():

@@ -153,6 +153,7 @@ def test_cli_resumes_with_ckpt_path_last_and_weights_only(tmp_path):
         f"--trainer.default_root_dir={tmp_path}", "--trainer.callbacks.init_args.every_n_train_steps=1",
         f"--trainer.callbacks.init_args.dirpath={tmp_path / 'ckpt'}", "--data.batch_size=4", "--data.val_size=4",
         "--data.task_size=64", "--model.num_generations=2", "--model.export_dir=",
+        "--model.num_minibatches=1",  # one update per rollout: a step is a rollout here
     ]
     assert main([*args, "--trainer.max_steps=1"]) == 0
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 1

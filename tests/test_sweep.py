@@ -35,6 +35,7 @@ def write_grid(tmp_path: Path, **extra) -> Path:
         },
         **extra,
     }
+    spec["overrides"].setdefault("model.num_minibatches", 1)  # one update per rollout: steps are rollouts
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path

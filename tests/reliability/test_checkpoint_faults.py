@@ -26,7 +26,7 @@ def fit_args(root: Path, *extra: str) -> list[str]:
         "--trainer.enable_model_summary=false", "--trainer.num_sanity_val_steps=0", "--trainer.limit_val_batches=0",
         "--trainer.callbacks.init_args.every_n_train_steps=1", f"--trainer.callbacks.init_args.dirpath={root / 'ckpt'}",
         "--data.task_size=16", "--data.val_size=0", "--data.batch_size=2", "--model.num_generations=2",
-        "--model.export_dir=", "--model.rollout.init_args.max_new_tokens=3", *extra,
+        "--model.export_dir=", "--model.rollout.init_args.max_new_tokens=3", "--model.num_minibatches=1", *extra,
     ]
 
 

@@ -15,6 +15,8 @@ from rel_resume import drpo, max_weight_diff, rewards
 
 QUICKSTART = ["fit", "--config", "configs/quickstart.yaml", "--seed_everything", "7"]
 RUN = Path("runs/quickstart/drpo")
+_MODEL = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())["model"]
+UPDATES = _MODEL.get("ppo_epochs", 1) * _MODEL.get("num_minibatches", 1)  # optimizer steps per rollout
 
 
 def test_readme_resume_on_quickstart_equals_the_uninterrupted_run(tmp_path):
@@ -30,11 +32,11 @@ def test_readme_resume_on_quickstart_equals_the_uninterrupted_run(tmp_path):
     assert saved["global_step"] == 4
     assert max_weight_diff(straight / RUN / "version_0/checkpoints/last.ckpt",
                            split / RUN / "version_1/checkpoints/last.ckpt") <= 1e-6
-    # The resumed run drew the same prompts and samples: its rewards are the uninterrupted run's, at the same
-    # step numbers.
+    # The resumed run drew the same prompts and samples: each part logged the uninterrupted run's rewards at the
+    # same step numbers, and together they logged all of them.
     expected = rewards(straight / RUN / "version_0/metrics.csv")
-    assert rewards(split / RUN / "version_0/metrics.csv") == {s: expected[s] for s in (0, 1)}
-    assert rewards(split / RUN / "version_1/metrics.csv") == {s: expected[s] for s in (2, 3)}
+    before, after = (rewards(split / RUN / f"version_{v}/metrics.csv") for v in (0, 1))
+    assert before and after and {**before, **after} == expected and not before.keys() & after.keys()
 
 
 def test_ckpt_path_last_without_a_checkpoint_is_one_line_not_a_fresh_start(tmp_path):
@@ -67,25 +69,27 @@ def _sigterm_config(tmp_path: Path, call: int) -> Path:
 def test_sigterm_on_the_last_batch_of_an_epoch_resumes_exactly(tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     straight.mkdir(), split.mkdir()
-    steps = ["--trainer.max_steps", "12"]
+    steps = ["--trainer.max_steps", str(12 * UPDATES)]
     done = drpo(straight, *QUICKSTART, "--config", str(_sigterm_config(tmp_path, 0)), *steps)
     assert done.returncode == 0, done.stderr[-3000:]
     stopped = drpo(split, *QUICKSTART, "--config", str(_sigterm_config(tmp_path, 9)), *steps)
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     last = split / RUN / "version_0/checkpoints/last.ckpt"
-    assert torch.load(last, weights_only=True)["global_step"] == 9  # stopped after the 9th of 9 batches
+    assert torch.load(last, weights_only=True)["global_step"] == 9 * UPDATES  # stopped after the 9th of 9 batches
     resumed = drpo(split, *QUICKSTART, "--config", str(_sigterm_config(tmp_path, 0)), *steps, "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert max_weight_diff(straight / RUN / "version_0/checkpoints/last.ckpt",
                            split / RUN / "version_1/checkpoints/last.ckpt") <= 1e-6
     expected = rewards(straight / RUN / "version_0/metrics.csv")
-    assert rewards(split / RUN / "version_1/metrics.csv") == {s: expected[s] for s in (9, 10, 11)}
+    before, after = (rewards(split / RUN / f"version_{v}/metrics.csv") for v in (0, 1))
+    assert len(after) == 3 and {**before, **after} == expected and not before.keys() & after.keys()
 
 
 def test_a_checkpoint_never_overrides_the_config(tmp_path):
     """Its stored hyperparameters cannot switch trust_remote_code on, swap the model folder or undo the command
     line; the changed training settings are named in one warning line; `last` and FILE behave the same."""
-    assert drpo(tmp_path, *QUICKSTART, "--trainer.max_steps", "1", "--trainer.num_sanity_val_steps", "0").returncode == 0
+    one_rollout = ["--trainer.max_steps", str(UPDATES), "--trainer.num_sanity_val_steps", "0"]
+    assert drpo(tmp_path, *QUICKSTART, *one_rollout).returncode == 0
     last = tmp_path / RUN / "version_0/checkpoints/last.ckpt"
     # A folder whose config.json maps the model to its own Python file; running it leaves a marker.
     evil = tmp_path / "evil_model"
@@ -99,7 +103,7 @@ def test_a_checkpoint_never_overrides_the_config(tmp_path):
                                           model_kwargs={"device_map": "meta"}, export_dir=str(tmp_path / "stolen"))
     planted = tmp_path / "planted.ckpt"
     torch.save(checkpoint, planted)
-    overrides = ["--trainer.max_steps", "2", "--trainer.num_sanity_val_steps", "0",
+    overrides = ["--trainer.max_steps", str(2 * UPDATES), "--trainer.num_sanity_val_steps", "0",
                  "--model.num_generations", "4", "--model.kl_beta", "0.5"]
     for ckpt in (str(planted), "last"):
         if ckpt == "last":  # make the planted checkpoint the newest `last` of the run folder
@@ -116,7 +120,7 @@ def test_a_checkpoint_never_overrides_the_config(tmp_path):
         saved = yaml.safe_load((runs[-1] / "config.yaml").read_text())["model"]
         assert (saved["num_generations"], saved["kl_beta"]) == (4, 0.5)
         assert (saved["trust_remote_code"], saved["model_name_or_path"]) == (False, "quickstart")
-        assert torch.load(runs[-1] / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 2
+        assert torch.load(runs[-1] / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 2 * UPDATES
 
 
 SHIPPED = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))

@@ -117,6 +117,7 @@ def test_fit_selects_spo_by_name(tmp_path):
             str(_quickstart()),
             "--model.objective=spo",
             "--trainer.max_steps=2",
+            "--model.num_minibatches=1",
             "--trainer.val_check_interval=2",
             "--trainer.enable_progress_bar=false",
             "--trainer.num_sanity_val_steps=0",
