@@ -12,7 +12,7 @@ import yaml
 
 from drpo_lightning.errors import ConfigError
 from drpo_lightning.study import _paired_table, _verdict, paired_test, run_summary, trust_region_series
-from drpo_lightning.sweep import load_grid, read_result, run_grid, set_dotted
+from drpo_lightning.sweep import load_grid, run_grid, set_dotted
 from drpo_lightning.sweep_cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,41 +154,6 @@ def test_a_run_stopped_early_with_exit_code_0_is_not_a_result(tmp_path):
     assert run_grid(grid, command=fake_fit(2), echo=lambda _: None) == {"skipped": 0, "done": 1, "failed": 0}
     result = json.loads(grid.runs[0].result_path.read_text())
     assert result["val_accuracy_before"] == 0.25 and result["metrics"]["reward"] == [[0, 0.5], [1, 0.5]]
-
-
-def test_a_complete_run_that_logs_every_second_step_is_done(tmp_path):
-    # Rows are logged at rollouts 1 and 3 of 5 only: counting them said "stopped after 2 of 5 rollouts".
-    grid = load_grid(write_grid(tmp_path, objectives={"ppo": {"model.objective": "ppo"}}, overrides={
-        "trainer.max_steps": 5, "trainer.log_every_n_steps": 2, "trainer.val_check_interval": 5,
-        "trainer.callbacks": [], "data.task_size": 32, "data.val_size": 4, "data.batch_size": 2,
-        "data.val_batch_size": 4, "model.num_generations": 2, "model.rollout.init_args.max_new_tokens": 3}))
-    messages: list[str] = []
-    assert run_grid(grid, echo=messages.append) == {"skipped": 0, "done": 1, "failed": 0}, messages
-    assert [s for s, _ in read_result(grid.runs[0])["metrics"]["reward"]] == [1, 3]
-
-
-SPARSE_FIT = """
-import pathlib, sys
-folder = pathlib.Path(sys.argv[-1]).parent
-(folder / "logs" / "version_0").mkdir(parents=True)
-(folder / "logs" / "version_0" / "metrics.csv").write_text("step,reward\\n1,0.5\\n")
-print(sys.argv[1])
-"""
-
-
-@pytest.mark.parametrize(("last_line", "outcome", "reason"), [
-    ("`Trainer.fit` stopped: `max_steps=4` reached.", "done", None),
-    ("SIGTERM: saved the checkpoint of step 3 to x.ckpt", "failed", "stopped after 3 of 4 rollouts"),
-    ("", "failed", "stopped after 2 of 4 rollouts"),
-], ids=["max-steps-reached", "sigterm", "no-word-of-the-end"])
-def test_completion_is_judged_by_the_step_the_run_reached(tmp_path, last_line, outcome, reason):
-    """metrics.csv holds a row at rollout 1 only (log_every_n_steps: 2) of the 4 that max_steps sets."""
-    grid = load_grid(write_grid(tmp_path, objectives={"ppo": {"model.objective": "ppo"}},
-                                overrides={"trainer.max_steps": 4}))
-    counts = run_grid(grid, command=[sys.executable, "-c", SPARSE_FIT, last_line], echo=lambda _: None)
-    assert counts[outcome] == 1
-    if reason:
-        assert json.loads(grid.runs[0].failed_path.read_text())["reason"] == reason
 
 
 def test_editing_the_grid_makes_finished_runs_stale_and_reruns_them(tmp_path):
