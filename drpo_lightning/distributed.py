@@ -39,7 +39,8 @@ register their backward hooks as usual.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -53,6 +54,7 @@ __all__ = [
     "decoder_layer_names",
     "fsdp_root",
     "full_state_dict",
+    "gathered_once",
     "is_sharded",
     "save_pretrained_full",
     "shard_with_fsdp2",
@@ -215,6 +217,43 @@ def call_through(module: nn.Module, fn: Callable[..., Any], *args: Any, **kwargs
             return module()
     finally:
         restore()
+
+
+@contextmanager
+def gathered_once(module: nn.Module) -> Iterator[None]:
+    """Keep the full parameters of every FSDP2 unit in ``module`` gathered from their first use to the end of
+    the block, then reshard them.
+
+    Generation runs one forward per new token; FSDP2 all-gathers a unit before each of its forwards and frees
+    the full parameters after it (``reshard_after_forward``), so every decoder layer would be gathered once
+    per token. Inside this block each unit is gathered once per rollout. A plain module (and FSDP1, whose
+    units cannot be kept gathered while their forward runs) passes through unchanged.
+    """
+    units = [m for m in module.modules() if isinstance(m, _fsdp2_class())]
+    saved = []
+    try:
+        if units:
+            root_state = units[0]._get_fsdp_state()
+            # The root's lazy init decides which units reshard after forward: let it run before overriding.
+            getattr(root_state, "_lazy_init", lambda: None)()
+        for unit in units:
+            state = unit._get_fsdp_state()
+            groups = getattr(state, "_fsdp_param_groups", None)
+            if groups is None:  # torch < 2.8: one group per unit
+                groups = [getattr(state, "_fsdp_param_group", None)]
+            for group in groups:
+                if group is not None and hasattr(group, "post_forward_mesh_info"):
+                    saved.append((group, group.post_forward_mesh_info))
+                    group.post_forward_mesh_info = None  # what reshard_after_forward=False sets
+    except AttributeError:  # FSDP2 internals moved: stay correct (gathered per forward), only slower
+        units = []
+    try:
+        yield
+    finally:
+        for group, info in saved:
+            group.post_forward_mesh_info = info
+        for unit in units:
+            unit.reshard()
 
 
 def shard_with_fsdp2(model: nn.Module, mesh: Any, **fully_shard_kwargs: Any) -> nn.Module:

@@ -639,7 +639,7 @@ def _shared_prompt_hidden(
     if prompt_len < 2 or cache_arg is None:  # transformers 5.2x calls it `cache`, earlier `past_key_values`
         return None
     checkpointing = getattr(body, "is_activation_checkpointing", None)  # transformers >= 5.2x
-    if checkpointing is None:
+    if checkpointing is None:  # older transformers (is_gradient_checkpointing is deprecated now)
         checkpointing = getattr(body, "is_gradient_checkpointing", False)
     if checkpointing:
         return None

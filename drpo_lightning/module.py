@@ -239,20 +239,14 @@ class RLModule(pl.LightningModule):
         return None if context is None else int(context) - int(self.rollout.max_new_tokens)
 
     def _generate(self, prompt_ids, prompt_mask, num_generations: int, topk: int = 0) -> RolloutBatch:
-        from drpo_lightning.distributed import call_through, unwrap
+        from drpo_lightning.distributed import call_through, gathered_once, unwrap
 
-        # Through the (possibly FSDP-sharded) policy's forward, so its parameters are gathered for generate.
-        return call_through(
-            self.policy,
-            self.rollout.generate,
-            unwrap(self.policy),
-            prompt_ids,
-            prompt_mask,
-            num_generations=num_generations,
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-            topk=topk,
-        )
+        # Through the (possibly FSDP-sharded) policy's forward, so its parameters are gathered for generate,
+        # once per rollout (FSDP2), not once per generated token.
+        with gathered_once(self.policy):
+            return call_through(self.policy, self.rollout.generate, unwrap(self.policy), prompt_ids, prompt_mask,
+                                num_generations=num_generations, eos_token_id=self.tokenizer.eos_token_id,
+                                pad_token_id=self.tokenizer.pad_token_id, topk=topk)
 
     def _score(self, batch: dict[str, list], rollout: RolloutBatch, num_generations: int):
         return pieces.score(self, batch, rollout, num_generations)

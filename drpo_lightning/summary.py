@@ -262,7 +262,8 @@ class RunSummary(Callback):
             "accuracy_after": after,
             "accuracy_after_step": max(accuracy) if after is not None else None,
             "val_num_samples": int((getattr(pl_module, "hparams", {}) or {}).get("val_num_samples", 1)),
-            "rollouts": rollouts_done(trainer),
+            # An asynchronous feed draws k prompt batches ahead of training: count the batches trained on.
+            "rollouts": rollouts_done(trainer) - len(getattr(getattr(pl_module, "feed", None), "pending", ()) or ()),
             "rollouts_planned": planned_rollouts(trainer, pl_module),
             "rollouts_this_run": rollouts_done(trainer) - self._start_rollouts,
             "updates": int(trainer.global_step),

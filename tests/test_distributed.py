@@ -245,3 +245,175 @@ def test_fsdp1_on_two_gpus_matches_one_process(tmp_path):  # pragma: no cover - 
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export").state_dict()
     for key, value in single["params"].items():
         torch.testing.assert_close(exported[key].float().cpu(), value, atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------------------- FSDP2: one gather per rollout
+
+
+def _gather_count_rank(rank: int, model_dir: str, port: int, out: str) -> None:
+    """One rank of a 2-process FSDP2 rollout through ``RLModule._generate``: all-gathers counted with and
+    without :func:`drpo_lightning.distributed.gathered_once`."""
+    import contextlib
+    import json
+
+    import torch.distributed as dist
+    import torch.distributed.fsdp._fully_shard._fsdp_param_group as param_group
+    from torch.distributed.device_mesh import init_device_mesh
+    from transformers import AutoTokenizer
+
+    import drpo_lightning.distributed as distributed
+    from drpo_lightning.models import disable_dropout, load_causal_lm
+    from drpo_lightning.module import RLModule
+    from drpo_lightning.rollouts.hf import HFRollout
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    calls = []
+    original = param_group.foreach_all_gather
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    param_group.foreach_all_gather = counting
+    # min_new_tokens: no completion ends early, so each rollout runs the same number of forwards.
+    rollout = HFRollout(max_new_tokens=6, min_new_tokens=6)
+    module = RLModule(model_name_or_path=model_dir, rollout=rollout, export_dir="")
+    module.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, padding_side="left")
+    module.policy = load_causal_lm(model_dir)
+    disable_dropout(module.policy)
+    distributed.shard_with_fsdp2(module.policy, init_device_mesh("cpu", (2,)))
+    units = sum(isinstance(m, distributed._fsdp2_class()) for m in module.policy.modules())
+    ids, mask = module._encode_prompts(["1+2=", "13+4="] if rank == 0 else ["7+7=", "20+31="])
+    result = {"units": units}
+    real = distributed.gathered_once
+    for mode in ("once", "per_token", "once"):
+        distributed.gathered_once = real if mode == "once" else (lambda m: contextlib.nullcontext())
+        calls.clear()
+        torch.manual_seed(0)
+        batch = module._generate(ids, mask, 2)
+        result[mode] = {"gathers": len(calls), "ids": batch.completion_ids.tolist(),
+                        "logp": batch.behavior_logprobs.tolist()}
+        # The parameters are sharded again: a training forward/backward through FSDP still works.
+        calls.clear()
+        stats = module._token_stats(module.policy, batch, torch.arange(4), False)
+        stats.logprobs.sum().backward()
+        result[mode]["train_gathers"] = len(calls)
+    if rank == 0:
+        Path(out).write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+GATHER_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import torch.multiprocessing as mp
+from test_distributed import _gather_count_rank
+mp.spawn(_gather_count_rank, args=({model!r}, {port}, {out!r}), nprocs=2)
+"""
+
+
+def test_fsdp2_in_process_rollout_gathers_each_unit_once_per_rollout(tmp_path):
+    import json
+    import socket
+
+    model_dir = make_tiny_model(tmp_path / "model")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "gathers.json"
+    script = GATHER_SCRIPT.format(tests=str(ROOT / "tests"), model=model_dir, port=port, out=str(out))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    units = result["units"]
+    assert units == 3  # 2 decoder layers + the model (embeddings, final norm, LM head)
+    once, per_token = result["once"], result["per_token"]
+    assert once["gathers"] == units  # one all-gather per FSDP unit for the whole rollout
+    # Without it: every unit again at each forward (measured: 5 for 6 new tokens, the prompt's prefill shared).
+    assert per_token["gathers"] >= units * 5
+    assert once["ids"] == per_token["ids"] and once["logp"] == per_token["logp"]  # the same samples
+    # Resharded afterwards: the training forward gathers every unit again, as before.
+    assert once["train_gathers"] == per_token["train_gathers"] >= units
+
+
+# ------------------------------------------------------------------------------- DDP with rollout workers
+
+DDP_WORKER_SCRIPT = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import lightning.pytorch as pl
+import torch
+from test_async_loop import module_for, worker
+from drpo_lightning.data import PromptDataModule
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+
+class Check(pl.Callback):
+    def __init__(self):
+        self.sends, self.staleness = 0, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        source = pl_module.feed.source
+        if batch_idx == 0 and source.sender is not None:
+            send = source.sender.send
+
+            def counting(state_dict, version):
+                self.sends += 1
+                return send(state_dict, version)
+
+            source.sender.send = counting
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        value = trainer.callback_metrics.get("rollout/staleness_max")
+        self.staleness.append(None if value is None else float(value))
+
+    def on_train_end(self, trainer, pl_module):  # before the module's own on_train_end closes the worker
+        source = pl_module.feed.source
+        held = source.fetch_weights()
+        # The policy's full weights on every rank (FSDP2: gathered, a collective).
+        own = get_model_state_dict(pl_module.policy, options=StateDictOptions(full_state_dict=True))
+        result = dict(rank=trainer.global_rank, sender=source.sender is not None, sends=self.sends,
+                      syncs=source.synced, staleness=self.staleness, global_step=trainer.global_step,
+                      worker_equals_policy=set(held) == set(own) and all(torch.equal(held[k], own[k]) for k in own),
+                      checksum=float(sum(v.double().sum() for v in own.values())))
+        open({out!r} + f"/rank{{trainer.global_rank}}.json", "w").write(json.dumps(result))
+
+
+pl.seed_everything(3, verbose=False)
+module = module_for({model!r}, worker(1))
+data = PromptDataModule(task="arithmetic", task_size=40, val_size=0, batch_size=2, val_batch_size=2, seed=0)
+strategy = "ddp"
+if {strategy!r} == "fsdp2":
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=3, logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Check()])
+trainer.fit(module, datamodule=data)
+"""
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_processes_with_a_rollout_worker_each(strategy, tmp_path):
+    import json
+
+    model_dir = make_tiny_model(tmp_path / "model")
+    script = tmp_path / "ddp_worker.py"
+    script.write_text(DDP_WORKER_SCRIPT.format(tests=str(ROOT / "tests"), model=model_dir, out=str(tmp_path),
+                                               strategy=strategy))
+    proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=400,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for rank in ranks:
+        assert rank["global_step"] == 3 and rank["syncs"] == 3
+        # Step 0 fills the pipeline; then every batch is one sync old (k = 1).
+        assert rank["staleness"] == [None, 0.0, 1.0, 1.0]
+        # Both workers sample with the trainer's final full weights (FSDP2: one gathered state dict), bitwise.
+        assert rank["worker_equals_policy"]
+    # Rank 0 alone sends, once per sync: one broadcast reaches both ranks' workers.
+    assert [r["sender"] for r in ranks] == [True, False] and [r["sends"] for r in ranks] == [3, 0]
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]  # the ranks hold the same (gathered) policy

@@ -152,3 +152,21 @@ def test_bad_config_is_one_clear_error(kwargs, message):
         RLModule(**kwargs)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_the_loop_names_no_concrete_plugin():
+    """module.py gets its defaults from the registries by name: it imports no objective, rollout, reward or
+    advantage implementation (only their base classes)."""
+    import ast
+    from pathlib import Path
+
+    import drpo_lightning.module as loop
+
+    tree = ast.parse(Path(loop.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    plugin_modules = {m for m in imported if m.split(".")[1:2] in (["objectives"], ["rollouts"], ["rewards"],
+                                                                    ["advantages"])}
+    assert plugin_modules and all(m.endswith(".base") for m in plugin_modules), plugin_modules
+    module = RLModule()
+    assert (type(module.objective).__name__, type(module.rollout).__name__, type(module.advantage).__name__,
+            [type(r).__name__ for r in module.rewards]) == ("DRPO", "HFRollout", "GRPOAdvantage", ["ExactMatch"])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -42,6 +43,8 @@ class RolloutFeed:
         self.next_index = 0  # run-wide index of the next prompt batch
         self.base = 0  # run-wide index of the source's batch 0 (sources count from 0)
         self.source = None
+        self._threads_before: int | None = None  # the trainer's torch threads before trainer_threads
+        self._layout: list | None = None  # names, dtypes, shapes of the full weights (sharded policies)
 
     # -- set-up -------------------------------------------------------------------------------------
     def open(self, restored: dict[str, Any] | None) -> None:
@@ -50,8 +53,9 @@ class RolloutFeed:
         pending = list((restored or {}).get("pending", []))
         if len(pending) > self.k:
             raise ConfigError(
-                f"the checkpoint has {len(pending)} prompt batches in flight (saved with rollout max_staleness "
-                f"{len(pending)}); resume with model.rollout max_staleness >= {len(pending)}"
+                f"model.rollout: the checkpoint has {len(pending)} prompt batches in flight (saved with "
+                f"max_staleness {restored.get('max_staleness')}) and this run's rollout takes at most {self.k}: "
+                f"resume with a worker rollout with max_staleness >= {len(pending)}"
             )
         self.next_index = int((restored or {}).get("next_index", 0))
         self.base = self.next_index - len(pending)
@@ -75,6 +79,10 @@ class RolloutFeed:
 
         module, options = self.module, dict(self.options)
         trainer = module.trainer
+        trainer_threads = options.pop("trainer_threads", None)
+        if trainer_threads:
+            self._threads_before = torch.get_num_threads()
+            torch.set_num_threads(int(trainer_threads))
         engine = dict(options.pop("engine"))
         precision = str(getattr(trainer, "precision", "32"))
         if engine.get("precision", 0) is None and precision.startswith(("bf16", "16")):
@@ -105,11 +113,22 @@ class RolloutFeed:
     def _weights(self) -> dict[str, torch.Tensor]:
         """The policy's full weights under their Hugging Face names, on every rank (FSDP: one gather)."""
         from drpo_lightning.distributed import full_state_dict, is_sharded
+        from drpo_lightning.rollouts.weight_sync import dtype_from_name, layout_of
 
         module = self.module
-        if is_sharded(module.policy):
-            return full_state_dict(module.trainer.strategy.model, prefix="policy.")
-        return {k: v.detach() for k, v in module.policy.state_dict().items()}
+        if not is_sharded(module.policy):
+            return {k: v.detach() for k, v in module.policy.state_dict().items()}
+        trainer = module.trainer
+        state = full_state_dict(trainer.strategy.model, prefix="policy.")
+        if trainer.world_size > 1:
+            # Only rank 0 gets the gathered tensors; the other ranks announce the same names, dtypes and shapes
+            # to their workers (which receive rank 0's broadcast).
+            if self._layout is None:
+                self._layout = trainer.strategy.broadcast(layout_of(state), src=0)
+            if trainer.global_rank != 0:
+                state = {name: torch.empty(shape, dtype=dtype_from_name(dtype), device="meta")
+                         for name, dtype, shape in self._layout}
+        return state
 
     # -- the loop's calls ---------------------------------------------------------------------------
     def _submit(self, index: int, batch: dict[str, list]) -> None:
@@ -120,21 +139,32 @@ class RolloutFeed:
                            topk=getattr(module.objective, "requires_topk", 0), seed=seed)
         self.pending.append((index, batch))
 
+    @contextmanager
+    def _closing_on_error(self):
+        # Lightning calls no module hook when a step raises: stop the worker here, not at interpreter exit.
+        try:
+            yield
+        except BaseException:
+            self.close()
+            raise
+
     def take(self, batch: dict[str, list]) -> tuple[dict[str, list], RolloutBatch] | None:
         """Submit this step's prompts; the prompt batch and rollout to train on now (None while filling)."""
-        self._submit(self.next_index, batch)
-        self.next_index += 1
-        if len(self.pending) <= self.k:
-            return None
-        index, prompts = self.pending.popleft()
-        rollout = self.source.get(index - self.base)
+        with self._closing_on_error():
+            self._submit(self.next_index, batch)
+            self.next_index += 1
+            if len(self.pending) <= self.k:
+                return None
+            index, prompts = self.pending.popleft()
+            rollout = self.source.get(index - self.base)
         device = self.module.device
         return prompts, RolloutBatch(*(x.to(device) if isinstance(x, torch.Tensor) else x for x in rollout))
 
     def sync(self) -> None:
         """The updates of a batch are done: the source gets the new weights (a worker: all ranks call)."""
-        weights = None if self.options is None else self._weights()
-        self.source.sync(weights, int(self.module.global_step))
+        with self._closing_on_error():
+            weights = None if self.options is None else self._weights()
+            self.source.sync(weights, int(self.module.global_step))
 
     def metrics(self) -> dict[str, float]:
         return self.source.metrics() if self.source is not None else {}
@@ -147,3 +177,6 @@ class RolloutFeed:
         if self.source is not None:
             self.source.close()
             self.source = None
+        if self._threads_before is not None:
+            torch.set_num_threads(self._threads_before)
+            self._threads_before = None

@@ -116,6 +116,9 @@ def export(module) -> None:
         if trainer.is_global_zero:
             save_pretrained_full(module.policy, target, state_dict)
             module.tokenizer.save_pretrained(target)
+            from drpo_lightning.models import follow_umask
+
+            follow_umask(target)  # safetensors writes 0600 files
             module.print(f"exported the trained policy to {target}")
         module.export_path = target
         trainer.strategy.barrier("drpo-export")

@@ -444,8 +444,11 @@ class WorkerRolloutSource(RolloutSource):
         try:
             seconds = self.sender.send(state_dict, version)
         except UserError as err:
-            if self.process is not None and self.process.poll() is not None:
-                raise RolloutWorkerError(self._died(f"receiving weights v{version}")) from err
+            if self.process is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.process.wait(1.0)  # a peer that reset the connection is usually exiting: say so
+                if self.process.poll() is not None:
+                    raise RolloutWorkerError(self._died(f"receiving weights v{version}")) from err
             raise
         self.meter.record_sync(seconds)
 

@@ -62,6 +62,9 @@ class WorkerRollout(RolloutEngine):
             line naming the worker.
         start_timeout: seconds the worker may take to start and load its model (None: ``timeout``).
         threads: torch CPU threads of the worker (None: torch's default).
+        trainer_threads: torch CPU threads of the trainer process while the worker runs (None: unchanged). With
+            the worker on the same CPU, give each its own cores: threads + trainer_threads <= cores (more
+            threads than cores make both wait on each other).
         spawn: start the worker as a child process; false waits for one started by hand with ``drpo
             rollout-worker --trainer HOST:PORT`` (same ``DRPO_ROLLOUT_WORKER_KEY`` on both sides).
         host: address the trainer listens on for its worker.
@@ -77,6 +80,7 @@ class WorkerRollout(RolloutEngine):
         timeout: float = 120.0,
         start_timeout: float | None = None,
         threads: int | None = None,
+        trainer_threads: int | None = None,
         spawn: bool = True,
         host: str = "127.0.0.1",
         port: int = 0,
@@ -95,6 +99,9 @@ class WorkerRollout(RolloutEngine):
                               f"plugin, so a worker cannot build it; registered: {ROLLOUTS.describe()}")
         if isinstance(max_staleness, bool) or not isinstance(max_staleness, int) or max_staleness < 0:
             raise ConfigError(f"rollout.init_args.max_staleness must be an integer >= 0, got {max_staleness!r}")
+        for key, value in (("threads", threads), ("trainer_threads", trainer_threads)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"rollout.init_args.{key} must be an integer >= 1 or null, got {value!r}")
         for key, value in (("timeout", timeout), ("start_timeout", start_timeout)):
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"rollout.init_args.{key} must be a finite number of seconds > 0, got {value!r}")
@@ -110,6 +117,7 @@ class WorkerRollout(RolloutEngine):
         self.timeout = float(timeout)
         self.start_timeout = start_timeout
         self.threads = threads
+        self.trainer_threads = trainer_threads
         self.spawn = spawn
         self.host = host
         self.port = int(port)
@@ -135,7 +143,8 @@ class WorkerRollout(RolloutEngine):
         the weights, the model folder, the seed, the token ids and the ranks)."""
         return {"engine": dict(self.engine_settings), "engine_name": self.engine_name,
                 "max_staleness": self.max_staleness, "device": self.device, "timeout": self.timeout,
-                "start_timeout": self.start_timeout, "threads": self.threads, "spawn": self.spawn,
+                "start_timeout": self.start_timeout, "threads": self.threads,
+                "trainer_threads": self.trainer_threads, "spawn": self.spawn,
                 "host": self.host, "port": self.port, "log_path": self.log_path}
 
     def generate(self, policy, prompt_ids, prompt_mask, *, num_generations, eos_token_id, pad_token_id,
