@@ -485,12 +485,9 @@ def _user_error_message(err: BaseException, argv: Sequence[str] = ()) -> str | N
     for e in chain:
         # (matched by name: this package imports no pickle module, see tests/reliability/test_security.py)
         if resuming and type(e).__name__ == "UnpicklingError" and "Weights only load failed" in str(e):
-            unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-            if unsupported and unsupported.group(1).startswith(("drpo_lightning.", "lightning.")):
-                return None  # a checkpoint drpo-lightning wrote itself is refused: a bug, keep the traceback
-            what = f" ({unsupported.group(1)})" if unsupported else ""
-            return (f"ckpt_path: the checkpoint holds pickled Python objects{what}, which weights-only loading "
-                    "refuses (nothing in it was run); resume only from checkpoints written by drpo fit")
+            from drpo_lightning.resume import pickled_checkpoint_message
+
+            return pickled_checkpoint_message(e)  # e.g. a shard Lightning loads after resume.py's check
     # The run folder cannot be written: read-only, not ours, or the disk is full.
     import errno
 

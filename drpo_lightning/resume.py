@@ -85,18 +85,28 @@ def load_checkpoint_meta(path: Path) -> dict[str, Any]:
         loaded = torch.load(target, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # a text file, a truncated or empty archive, pickled objects, ...
         if "Weights only load failed" in str(err):
-            import re
-
-            unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
-            what = f" ({unsupported.group(1)})" if unsupported else ""
-            raise ConfigError(f"ckpt_path: the checkpoint holds pickled Python objects{what}, which weights-only "
-                              "loading refuses (nothing in it was run); resume only from checkpoints written by "
-                              "drpo fit") from err
+            message = pickled_checkpoint_message(err)
+            if message is None:
+                raise  # a checkpoint drpo-lightning wrote itself is refused: a bug, keep the traceback
+            raise ConfigError(message) from err
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"ckpt_path: {path} is not a checkpoint drpo can resume from: {reason}") from err
     if not isinstance(loaded, dict) or "global_step" not in loaded:
         raise ConfigError(f"ckpt_path: {path} is not a checkpoint written by drpo fit (no global_step in it)")
     return loaded
+
+
+def pickled_checkpoint_message(err: BaseException) -> str | None:
+    """One line for a checkpoint that ``torch.load(weights_only=True)`` refused because it pickles Python
+    objects; None when the refused object is drpo-lightning's or Lightning's own (then it is a bug of ours)."""
+    import re
+
+    unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+    if unsupported and unsupported.group(1).startswith(("drpo_lightning.", "lightning.")):
+        return None
+    what = f" ({unsupported.group(1)})" if unsupported else ""
+    return (f"ckpt_path: the checkpoint holds pickled Python objects{what}, which weights-only loading refuses "
+            "(nothing in it was run); resume only from checkpoints written by drpo fit")
 
 
 def setting_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
