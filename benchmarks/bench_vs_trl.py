@@ -4,6 +4,7 @@
     python benchmarks/bench_vs_trl.py --sizes 1m       # one size
     python benchmarks/bench_vs_trl.py --smoke          # tiny model, few steps, < 60 s (CI)
     python benchmarks/bench_vs_trl.py --device cuda --model qwen2.5-0.5b-shape   # GPU figures (+ MFU)
+    python benchmarks/bench_vs_trl.py --threads 2      # whole 2-core machine, + async rollouts (bench_threads.py)
 
 Needs the ``bench`` extra (``pip install -e ".[bench]"``: TRL, psutil); TRL is never a runtime dependency.
 Nothing is downloaded: one randomly initialised model is built from a config (:mod:`drpo_lightning.tiny`,
@@ -53,6 +54,12 @@ the ratios.
 **Memory.** Each contender also runs alone in a fresh subprocess (``--worker``): peak RSS of the whole process
 (``VmHWM``, what the OS sees, imports included) and the peak above the RSS after the imports (model, data,
 optimizer state and activations). On CUDA: ``torch.cuda.max_memory_allocated``.
+
+**--threads N (N >= 2).** A different set of contenders, each given the whole N-core machine: TRL, the bare
+loop and drpo-lightning synchronous with N threads, drpo-lightning with asynchronous rollouts (``worker``
+rollout, ``max_staleness`` 0, 1, 2; trainer on N-1 cores, worker on 1) and drpo-lightning synchronous on N-1
+threads (the baseline of the overlap line). Same timing method; no memory or profile part. See
+``bench_threads.py`` beside this file.
 
 **Profile.** A few more drpo-lightning steps with its methods wrapped in ``perf_counter`` timers (CUDA is
 synchronised around each): where a step goes (rollout, rewards, log-prob forward, backward, optimizer,
@@ -759,6 +766,12 @@ def bench_size(args: argparse.Namespace, w: Workload, root: Path) -> dict[str, A
               f"grads max rel diff {check['grad_max_rel_diff']:.1e}, cosine {check['grad_cosine']:.8f} -> "
               f"{'OK' if check['ok'] else 'MISMATCH'}", flush=True)
 
+    if w.threads >= 2:  # the whole-machine mode: other contenders, no memory or profile part
+        from bench_threads import bench_threads
+
+        classes = {"drpo": DrpoRunner, "trl": TrlRunner, "bare": BareLoop}
+        return bench_threads(args, w, model_dir, data_path, result, classes, summarise, quartiles)
+
     torch.manual_seed(w.seed)
     runners = {"drpo": DrpoRunner(w, model_dir, data_path), "trl": TrlRunner(w, model_dir, data_path),
                "bare": BareLoop(w, model_dir, data_path)}
@@ -860,7 +873,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny model, few steps (CI, < 60 s)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch.set_num_threads for all three (default 1: a shared 2-core CPU is noisy)")
+                        help="torch.set_num_threads for all three (default 1: a shared 2-core CPU is noisy); "
+                             ">= 2: the whole-machine mode with asynchronous rollouts (bench_threads.py)")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=16)
@@ -888,6 +902,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device")
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.threads >= 2 and args.device != "cpu":
+        parser.error("--threads >= 2 (the whole-machine mode) shares out CPU cores: use it with --device cpu")
     sizes = [args.model] if args.model else (args.sizes or ["1m", "10m"])
     overrides: dict[str, Any] = {}
     if args.smoke:
@@ -910,6 +928,10 @@ def main(argv: list[str] | None = None) -> int:
                      new_tokens=overrides.get("new_tokens", args.new_tokens))
         with tempfile.TemporaryDirectory(prefix="bench_vs_trl_") as tmp:
             results.append(bench_size(args, w, Path(tmp)))
+    if args.threads >= 2:
+        from bench_threads import print_goals
+
+        print_goals(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
     if args.smoke:

@@ -176,11 +176,9 @@ class RLModule(pl.LightningModule):
 
     @property
     def model_path(self) -> str:
-        if self.hparams.model_name_or_path == "quickstart":
-            from drpo_lightning.tiny import quickstart_policy_path
+        from drpo_lightning.tiny import shipped_policy_path
 
-            return quickstart_policy_path()
-        return self.hparams.model_name_or_path
+        return shipped_policy_path(self.hparams.model_name_or_path) or self.hparams.model_name_or_path
 
     # -- set-up ---------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -300,6 +298,11 @@ class RLModule(pl.LightningModule):
                 parts = [self._token_stats(self.policy, rollout, r, False).logprobs for r in self._micro_batches(rows)]
         return torch.cat(parts).float()
 
+    def _reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        if self._trainer is None or self.trainer.world_size == 1:
+            return value
+        return self.trainer.strategy.reduce(value.to(self.device), reduce_op="sum").cpu()
+
     def _global_count(self, mask: torch.Tensor) -> torch.Tensor:
         """The minibatch's aggregation denominator summed over ranks, divided by the world size because
         DDP/FSDP average gradients: each rank's loss is then its share of the *global* normalised loss."""
@@ -344,6 +347,7 @@ class RLModule(pl.LightningModule):
         n = mask.shape[0]
         generator = torch.Generator().manual_seed(int(self.global_step) * 7919 + int(self.current_epoch))
         extras_needed = getattr(self.objective, "requires_topk", 0) > 0
+        gaps: list[torch.Tensor] | None = []  # |log pi - log mu| of the first minibatch, before any update
         for _ in range(h.ppo_epochs):
             order = torch.randperm(n, generator=generator).to(self.device)
             for rows in order.chunk(h.num_minibatches):
@@ -368,6 +372,8 @@ class RLModule(pl.LightningModule):
                         **extras,
                     )
                     loss = out.loss
+                    if gaps is not None:
+                        gaps.append(pieces.token_gaps(stats.logprobs, rollout.behavior_logprobs[micro], mask[micro]))
                     if ref_logprobs is not None:
                         kl = kl_penalty(stats.logprobs, ref_logprobs[micro], h.kl_estimator)
                         kl_loss = aggregate(kl, mask[micro], self.objective.loss_agg_mode,
@@ -385,7 +391,12 @@ class RLModule(pl.LightningModule):
                         metrics[key].append(value)
                     self.manual_backward(loss)
                     step_loss = step_loss + loss.detach()
+                if gaps is not None:
+                    metrics.update(pieces.mismatch_metrics(gaps))
+                    gaps = None
                 self._optimizer_update(optimizer, scheduler, step_loss, metrics)
+        for key, value in self.objective.end_rollout(self._reduce_sum).items():
+            metrics[key].append(value)
 
         self.feed.sync()  # the source samples the coming batches with the new weights
 

@@ -19,6 +19,10 @@ written to ``<out_dir>/<setting>/<objective>/seed<k>/config.yaml`` (the base wit
       stale: {model.num_minibatches: 4, model.rollout.init_args.precision: bf16}
     objectives:
       drpo_0.2: {model.objective: {class_path: drpo, init_args: {delta: 0.2}}}
+    report:                            # read by `drpo sweep report` only; editing it reruns nothing
+      primary: auc_acc                 # the metric the verdict is decided on: auc_acc or final
+      eval_noise: "mean@4 over 500 prompts: ..."  # optional texts printed at the top of the report
+      # title: ..., description: ...
 
 A run is finished when its ``result.json`` exists and its saved ``config.yaml`` is still the grid's (edit the
 grid and the affected runs become *stale*: rerun, and never reported). ``run`` skips finished runs, so an
@@ -55,7 +59,13 @@ import yaml
 
 from drpo_lightning.errors import ConfigError
 
-__all__ = ["Grid", "Run", "load_grid", "run_grid", "read_result"]
+__all__ = ["Grid", "Run", "load_grid", "run_grid", "read_result", "REPORT_KEYS", "REPORT_PRIMARY"]
+
+# The grid file's optional ``report:`` mapping. It is checked when the grid is loaded, so that a misspelt key
+# fails `drpo sweep run` before the runs instead of `drpo sweep report` after them: the primary metric has to
+# be fixed before the results are seen.
+REPORT_KEYS = ("primary", "title", "description", "eval_noise")
+REPORT_PRIMARY = ("auc_acc", "final")
 
 BEFORE_RE = re.compile(r"held-out accuracy before training \(mean@\d+\): ([0-9.]+)")
 # What `drpo fit` prints when it ends: Lightning's own line at max_steps, RLCheckpoint's on a SIGTERM stop.
@@ -175,8 +185,27 @@ def load_grid(path: str | os.PathLike, out_dir: str | None = None) -> Grid:
                         set_dotted(config, key, value)
                 _localise(config, folder, seed)
                 runs.append(Run(setting, objective, seed, config, folder))
-    return Grid(path=path, out_dir=root, runs=runs, jobs=jobs,
-                meta={k: v for k, v in spec.items() if k not in ("settings", "objectives")})
+    meta = {k: v for k, v in spec.items() if k not in ("settings", "objectives")}
+    meta["report"] = _report_options(spec.get("report"), path)
+    return Grid(path=path, out_dir=root, runs=runs, jobs=jobs, meta=meta)
+
+
+def _report_options(value: Any, path: Path) -> dict[str, str]:
+    """The grid's ``report:`` mapping, checked (see ``REPORT_KEYS``); ``{}`` when the grid has none."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: report must be a mapping with keys {', '.join(REPORT_KEYS)}, "
+                          f"got {type(value).__name__}")
+    for key, text in value.items():
+        if key not in REPORT_KEYS:
+            raise ConfigError(f"{path}: unknown key report.{key} (expected one of {', '.join(REPORT_KEYS)})")
+        if not isinstance(text, str) or not text.strip():
+            raise ConfigError(f"{path}: report.{key} must be a non-empty string, got {text!r}")
+    if "primary" in value and value["primary"] not in REPORT_PRIMARY:
+        raise ConfigError(f"{path}: report.primary must be one of {', '.join(REPORT_PRIMARY)}, "
+                          f"got {value['primary']!r}")
+    return {key: value[key].strip() for key in value}
 
 
 def _localise(config: dict[str, Any], folder: Path, seed: int) -> None:
@@ -299,6 +328,45 @@ def execute(run: Run, threads: int, command: Sequence[str] | None = None, lock_f
     return "done"
 
 
+def _work(run: Run) -> str:
+    """The run's config without the outputs :func:`_localise` points into its folder: two runs with the same
+    work train exactly the same thing (e.g. an on-policy reference arm that ignores every setting)."""
+    config = copy.deepcopy(run.config)
+    for key in ("default_root_dir", "logger"):
+        (config.get("trainer") or {}).pop(key, None)
+    return json.dumps(config, sort_keys=True, default=str)
+
+
+def _twins(runs: list[Run]) -> dict[str, Run]:
+    """run name -> the earlier run of the grid with the same work, for the runs that have one."""
+    first: dict[str, Run] = {}
+    twins = {}
+    for run in runs:
+        key = _work(run)
+        if key in first:
+            twins[run.name] = first[key]
+        else:
+            first[key] = run
+    return twins
+
+
+def _copy_result(twin: Run, run: Run) -> str:
+    """Record ``twin``'s finished result as ``run``'s own (a seeded run is reproducible, so rerunning it
+    would only spend the time again); ``copied_from`` says where it came from."""
+    result = read_result(twin)
+    result.update(name=run.name, setting=run.setting, objective=run.objective, seed=run.seed,
+                  copied_from=twin.name)
+    if run.folder.exists():
+        shutil.rmtree(run.folder)
+    run.folder.mkdir(parents=True)
+    (run.folder / "config.yaml").write_text(yaml.safe_dump(run.config, sort_keys=False))
+    tmp = run.result_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, run.result_path)
+    run.failed_path.unlink(missing_ok=True)
+    return "done"
+
+
 def run_grid(grid: Grid, jobs: int | None = None, only: str | None = None,
              command: Sequence[str] | None = None, echo=print) -> dict[str, int]:
     """Run every unfinished run of the grid, ``jobs`` at a time; returns counts by outcome."""
@@ -332,8 +400,15 @@ def _run_locked(grid: Grid, jobs: int, only: str | None, command, echo, lock_fd:
          + (f" ({stale} finished with an older config: rerun)" if stale else "") + " "
          f"({jobs} at a time, {threads} thread(s) each) -> {grid.out_dir}")
 
+    twins = _twins(grid.runs)
+
     def one(run: Run) -> str:
         start = time.perf_counter()
+        twin = twins.get(run.name)
+        if twin is not None and twin.state() == "done":
+            outcome = _copy_result(twin, run)
+            echo(f"sweep: {outcome:<6} {run.name} (the same run as {twin.name}: its result is copied)")
+            return outcome
         outcome = execute(run, threads, command, lock_fd)
         echo(f"sweep: {outcome:<6} {run.name} ({time.perf_counter() - start:.0f} s)")
         return outcome

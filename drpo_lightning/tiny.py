@@ -30,6 +30,7 @@ __all__ = [
     "heldout_pairs",
     "is_heldout",
     "quickstart_policy_path",
+    "shipped_policy_path",
     "train_pairs",
 ]
 
@@ -42,6 +43,22 @@ QUICKSTART_POLICY: Path = Path(__file__).resolve().parent / "assets" / "quicksta
 def quickstart_policy_path() -> str:
     """Path (as a string, ready for ``from_pretrained``) of the shipped quickstart policy + tokenizer."""
     return str(QUICKSTART_POLICY)
+
+
+SHIPPED_POLICIES: dict[str, Path] = {
+    "quickstart": QUICKSTART_POLICY,
+    # the same recipe with right answers 12% of the time in its noisy phase (instead of 30%): it samples
+    # the right held-out sum 30% of the time (0.37 for the quickstart's), leaving RL more room to climb
+    # (configs/study/stability_v2.yaml)
+    "quickstart-weak": QUICKSTART_POLICY.parent / "quickstart_weak_policy",
+}
+"""Names ``model.model_name_or_path`` accepts for the policies that ship inside the package."""
+
+
+def shipped_policy_path(name: str) -> str | None:
+    """The folder of a shipped policy called ``name``, or None when ``name`` is not one of them."""
+    path = SHIPPED_POLICIES.get(name)
+    return None if path is None else str(path)
 
 
 # --------------------------------------------------------------------------------------------------

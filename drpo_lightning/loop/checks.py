@@ -64,13 +64,13 @@ def check_config(module) -> None:
     if module.optimizer_factory is None:
         raise ConfigError("model.optimizer must name an optimizer (e.g. class_path: torch.optim.AdamW), got null")
     try_optimizer(module)
-    path = h.model_name_or_path
-    if path != "quickstart" and (path is None or not str(path).strip() or not Path(path).is_dir()):
+    path = module.model_path  # a shipped policy's name ("quickstart") resolves to its folder
+    if path is None or not str(path).strip() or not Path(path).is_dir():
         raise ConfigError(
             f"model.model_name_or_path: {path!r} is not a local folder (nothing is "
             "downloaded; save the model with save_pretrained and give its path)"
         )
-    if path != "quickstart" and not any((Path(path) / f).is_file() for f in ("config.json", "adapter_config.json")):
+    if not any((Path(path) / f).is_file() for f in ("config.json", "adapter_config.json")):
         raise ConfigError(
             f"model.model_name_or_path: {path!r} holds no config.json: not a model folder written by "
             "save_pretrained"

@@ -96,6 +96,22 @@ def rollout_temperature(module) -> float:
     return 1.0
 
 
+def token_gaps(logprobs: torch.Tensor, behavior_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``|log pi - log mu|`` of the valid tokens, flattened: ``[n_valid]``."""
+    return (logprobs.detach().float() - behavior_logprobs.float()).abs()[mask > 0]
+
+
+def mismatch_metrics(gaps: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+    """Mean and 99th percentile of ``|log pi - log mu|`` per token, measured on a rollout's first minibatch
+    before any update on it: at ``max_staleness`` 0 this is the rollout engine's numerical mismatch alone
+    (bf16 or fp8 sampling vs the trainer's forward); with a worker lagging by k it adds the lag."""
+    values = torch.cat(gaps) if gaps else torch.zeros(0)
+    if values.numel() == 0:
+        return {}
+    return {"rollout/mismatch_mean": [values.mean()],
+            "rollout/mismatch_p99": [torch.quantile(values.double(), 0.99).float()]}
+
+
 def log_step(module, rollout, scored, rewards, advantages, metrics, rollout_seconds, step_seconds) -> None:
     G = module.hparams.num_generations
     mask = rollout.completion_mask

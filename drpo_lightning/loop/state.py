@@ -1,7 +1,8 @@
 """What RLModule adds to a Lightning checkpoint, takes back from one, and writes at the end of a fit.
 
 - counters (skipped updates, the "before" held-out accuracy), every rank's RNG states, the optimizer class,
-  a settled loop position and the rollout feed's policy version go into the checkpoint;
+  a settled loop position, the rollout feed's policy version and the objective's own state (DRPO's adapted
+  delta) go into the checkpoint;
 - with ``model.lora`` only the trainable adapter weights are kept (the frozen base reloads from its folder);
 - the frozen KL reference is never saved (it reloads from ``model_name_or_path``);
 - :func:`export` writes the trained policy with ``save_pretrained`` (FSDP: one gathered full state dict).
@@ -30,6 +31,9 @@ def save_state(module, checkpoint: dict[str, Any]) -> None:
     feed = getattr(module, "feed", None)
     if feed is not None:
         checkpoint["drpo_rollout"] = feed.state_dict()
+    objective_state = module.objective.state_dict()  # e.g. DRPO's adapted delta
+    if objective_state:
+        checkpoint["drpo_objective"] = objective_state
     _keep_only_adapter_weights(module, checkpoint)
     if trainer is not None:
         settle_loop_position(checkpoint, trainer.num_training_batches)
@@ -49,6 +53,7 @@ def load_state(module, checkpoint: dict[str, Any]) -> None:
     module.initial_val_accuracy = counters.get("initial_val_accuracy")
     module._rng_to_restore = checkpoint.get("drpo_rng_states")
     module._rollout_to_restore = checkpoint.get("drpo_rollout")
+    module.objective.load_state_dict(checkpoint.get("drpo_objective", {}))
     _check_adapter_weights(module, checkpoint)
     state = checkpoint.get("state_dict")
     if isinstance(state, dict):  # the reference is never restored from a checkpoint (see save_state)

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Literal, get_args
+from collections.abc import Callable
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -140,6 +141,21 @@ class Objective(ABC):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-token loss ``[B, T]`` and the objective's own metrics (detached scalars, means over valid
         tokens). ``advantages`` arrives broadcast to ``[B, T]``."""
+
+    def end_rollout(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Called by the trainer once after all updates on a rollout (every epoch and minibatch), on every
+        rank. An objective that adapts between rollouts (DRPO's ``target_divergence``) does it here and
+        returns metrics to log; ``reduce_sum`` sums a tensor over ranks (identity on one process) so every
+        rank takes the same decision. Default: nothing."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """State that changes during training and must survive a resume (saved in every checkpoint). A
+        stateless objective returns ``{}`` and its configuration alone rebuilds it."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 (optional hook, not abstract)
+        """Restore what :meth:`state_dict` returned."""
 
     def count(self, mask: torch.Tensor) -> torch.Tensor:
         """This objective's aggregation denominator for ``mask`` (see :func:`aggregation_count`)."""

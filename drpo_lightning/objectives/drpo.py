@@ -37,6 +37,24 @@ class DRPO(Objective):
     - ``delta`` in ``0.1 - 0.5`` puts the zero-crossing ``|pi - mu| = delta`` inside ``[0, 1]``: tokens that
       moved far enough get a corrective (negative-weight) gradient, a soft counterpart of DPPO-TV's mask.
 
+    **Adaptive delta** (``target_divergence``, off by default). A fixed ``delta`` suits one learning phase:
+    early updates move tokens far and need a tight region, late ones barely move and are slowed by it for
+    nothing. With ``target_divergence = d*`` the trainer calls :meth:`end_rollout` after each rollout's
+    updates; it takes the measured mean ``|pi - mu|`` over the valid tokens of those updates (``d``, each
+    minibatch measured at its forward, summed over ranks) and moves ``delta`` multiplicatively, as PPO's
+    adaptive KL coefficient does (Schulman et al., 2017, section 4), within ``[delta_min, delta_max]``:
+
+    .. math::
+
+        \delta \leftarrow \begin{cases} \max(\delta / 2,\ \delta_{min}) & d > 1.5\, d^* \\
+                                       \min(2 \delta,\ \delta_{max}) & d < d^* / 1.5 \\
+                                       \delta & \text{otherwise} \end{cases}
+
+    A smaller ``delta`` pulls tokens back sooner, so the next rollout's divergence shrinks. ``delta`` is
+    the starting value, logged every step as ``drpo/delta`` and saved in every checkpoint, so a resumed run
+    continues with the delta it had. A divergence the updates do not cause (a rollout engine's numerical
+    mismatch is there before the first update) cannot be steered: ``delta`` then settles at a bound.
+
     The log-ratio is clamped to ``[-20, 20]`` (see :data:`~drpo_lightning.objectives.base.LOG_RATIO_CLAMP`):
     without it ``r**2`` overflows float32 once ``z - y`` passes ~44. Loss and gradient stay finite in float32
     for any finite input and are exact inside the clamp; a token beyond it carries no gradient.
@@ -56,6 +74,10 @@ class DRPO(Objective):
             weighs the same), seq-mean-token-sum, seq-mean-token-mean or seq-mean-token-sum-norm.
         loss_agg_horizon: the fixed length seq-mean-token-sum-norm divides by (null: the completion
             length of the batch, which the trainer keeps at the rollout's max_new_tokens).
+        target_divergence: adapt delta after each rollout to keep the mean |pi - mu| of the updates near
+            this value (probability units, > 0); null keeps delta fixed.
+        delta_min: smallest delta the adaptation may reach (> 0).
+        delta_max: largest delta the adaptation may reach (>= delta_min).
     """
 
     def __init__(
@@ -63,11 +85,27 @@ class DRPO(Objective):
         delta: float = 12.5,
         loss_agg_mode: LossAggMode = "token-mean",
         loss_agg_horizon: int | None = None,
+        target_divergence: float | None = None,
+        delta_min: float = 0.01,
+        delta_max: float = 12.5,
     ) -> None:
         super().__init__(loss_agg_mode=loss_agg_mode, loss_agg_horizon=loss_agg_horizon)
-        check_finite("delta", delta)
-        check_positive("delta", delta)
+        for name, value in (("delta", delta), ("target_divergence", target_divergence),
+                            ("delta_min", delta_min), ("delta_max", delta_max)):
+            check_finite(name, value)
+            check_positive(name, value, allow_none=name == "target_divergence")
+        if target_divergence is not None and not delta_min <= delta <= delta_max:
+            raise ValueError(
+                f"DRPO: delta = {delta} must lie within [delta_min, delta_max] = [{delta_min}, {delta_max}] "
+                "when target_divergence is set"
+            )
         self.delta = float(delta)
+        self.target_divergence = None if target_divergence is None else float(target_divergence)
+        self.delta_min = float(delta_min)
+        self.delta_max = float(delta_max)
+        # sum of |pi - mu| over valid tokens and their count since the last end_rollout (adaptive only)
+        self._divergence_sum = 0.0
+        self._divergence_count = 0.0
 
     def token_loss(
         self,
@@ -89,7 +127,41 @@ class DRPO(Objective):
 
         with torch.no_grad():
             metrics = self._metrics(logprobs.detach(), old_logprobs, mu, advantages, mask)
+            metrics["drpo/delta"] = torch.tensor(self.delta)
+            if self.target_divergence is not None:
+                shift = (logprobs.detach().exp() - mu).abs()  # [B, T]
+                # tensors, not floats: no host sync per minibatch on a GPU
+                self._divergence_sum = self._divergence_sum + torch.where(mask > 0, shift, 0.0).sum().double()
+                self._divergence_count = self._divergence_count + mask.sum().double()
         return token_loss, metrics
+
+    def end_rollout(self, reduce_sum=None) -> dict[str, torch.Tensor]:
+        """Adapt ``delta`` to the divergence measured since the last call (see the class docstring)."""
+        if self.target_divergence is None:
+            return {}
+        if isinstance(self._divergence_count, float):  # no token reached token_loss on this rank
+            totals = torch.zeros(2, dtype=torch.float64)
+        else:
+            totals = torch.stack([self._divergence_sum, self._divergence_count])
+        if reduce_sum is not None:
+            totals = reduce_sum(totals)
+        self._divergence_sum = self._divergence_count = 0.0
+        total, count = (float(v) for v in totals)
+        if count == 0:  # nothing was trained on (every update skipped): no evidence, no move
+            return {}
+        measured = total / count
+        if measured > 1.5 * self.target_divergence:
+            self.delta = max(self.delta / 2, self.delta_min)
+        elif measured < self.target_divergence / 1.5:
+            self.delta = min(self.delta * 2, self.delta_max)
+        return {"drpo/measured_divergence": torch.tensor(measured, dtype=torch.float64)}
+
+    def state_dict(self) -> dict[str, float]:
+        return {} if self.target_divergence is None else {"delta": self.delta}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        if self.target_divergence is not None and "delta" in state:
+            self.delta = float(state["delta"])
 
     def _metrics(
         self,

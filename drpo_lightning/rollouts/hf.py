@@ -18,6 +18,7 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from drpo_lightning.rollouts.base import RolloutEngine
+from drpo_lightning.rollouts.fp8 import FP8PolicyCopy
 from drpo_lightning.types import RolloutBatch, SamplingParams
 
 __all__ = ["HFRollout"]
@@ -35,7 +36,12 @@ _PRECISIONS: dict[str | None, torch.dtype | bool | None] = {
     "32": False,
     "fp32": False,
     "32-true": False,
+    "fp8": torch.bfloat16,
+    "fp8-tensor": torch.bfloat16,
 }
+
+# fp8 precisions -> one scale per output row (True) or per tensor (False); see drpo_lightning.rollouts.fp8.
+_FP8_PER_ROW = {"fp8": True, "fp8-tensor": False}
 
 # Fields of ``policy.generation_config`` that would reshape the sampling distribution and that this engine
 # cannot switch off by passing a neutral value (``None`` means "inherit from the model" in transformers).
@@ -253,7 +259,14 @@ class HFRollout(RolloutEngine):
             Lightning ``bf16-mixed`` trainer that is bf16 autocast). ``"bf16"`` / ``"bf16-mixed"``: bfloat16
             autocast; ``"fp16"`` / ``"16-mixed"``: float16 autocast; ``"32"`` / ``"fp32"``: autocast forced off.
             Sampling in bf16 while training in float32 reproduces the training-inference mismatch that
-            DRPO/DPPO's trust region controls (up to ~0.3 nats per token on a tiny model).
+            DRPO/DPPO's trust region controls (up to ~0.3 nats per token on a tiny model). ``"fp8"``: sample
+            from a copy of the policy whose linear weights (all but the output head) are rounded to float8
+            e4m3 with one scale per output row, as FP8 inference engines serve a model, run under bf16
+            autocast; ``"fp8-tensor"``: the same with one scale per weight matrix. The behaviour log-probs are
+            the copy's, so they carry the quantisation error the trainer's float32/bf16 recomputation does
+            not. The copy (one extra copy of the weights, kept by the engine) is refreshed from the policy
+            at every call; see :class:`~drpo_lightning.rollouts.fp8.FP8PolicyCopy` for the format and
+            what is refused (bitsandbytes layers, FSDP-sharded policies).
         use_cache: Use the KV cache during generation (turn off only to debug cache issues; much slower).
         share_prompt: Prefill each prompt once and give ``generate`` that KV cache repeated for the
             ``num_generations`` samples, instead of prefilling every sample's copy of the prompt (same samples,
@@ -285,6 +298,7 @@ class HFRollout(RolloutEngine):
             raise ValueError(f"HFRollout: precision must be None or one of {names}; got {precision!r}")
         self.precision = precision
         self._autocast_setting = _PRECISIONS[key]
+        self._fp8 = FP8PolicyCopy(_FP8_PER_ROW[key], key) if key in _FP8_PER_ROW else None
         self.use_cache = use_cache
         self.share_prompt = share_prompt
         self._warned_fields: set[str] = set()
@@ -382,16 +396,18 @@ class HFRollout(RolloutEngine):
         group_ids = torch.arange(batch, device=device).repeat_interleave(num_generations)
 
         recorder = _BehaviourRecorder(self.sampling, eos_ids, topk, pad_token_id)
+        # The model that samples: the policy itself, or its fp8 copy refreshed with the current weights.
+        sampler = policy if self._fp8 is None else self._fp8.sync(policy)
         with (
-            _eval_mode(policy),
+            _eval_mode(sampler),
             torch.no_grad(),
             _autocast(self._autocast_setting, device.type),
             _quiet_transformers(),
         ):
             shared = {}
             if self.share_prompt and self.use_cache and num_generations > 1:
-                shared = _shared_prompt_cache(policy, unique_ids, unique_mask, num_generations)
-            out = policy.generate(
+                shared = _shared_prompt_cache(sampler, unique_ids, unique_mask, num_generations)
+            out = sampler.generate(
                 input_ids=prompt_ids,
                 attention_mask=prompt_mask,
                 generation_config=self._generation_config(eos_ids, pad_token_id),

@@ -161,3 +161,32 @@ def test_ckpt_path_last_resumes_every_shipped_cpu_config(config, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from {run}/version_0/checkpoints/last.ckpt (step 1)" in resumed.stderr
     assert torch.load(tmp_path / run / "version_1/checkpoints/last.ckpt", weights_only=True)["global_step"] == 2
+
+
+def _deltas(metrics_csv: Path) -> dict[int, float]:
+    import csv
+
+    with open(metrics_csv) as f:
+        return {int(r["step"]): float(r["drpo/delta"]) for r in csv.DictReader(f) if r.get("drpo/delta")}
+
+
+def test_readme_resume_continues_the_adapted_drpo_delta(tmp_path):
+    """DRPO with target_divergence 1e-4 halves delta after every rollout (0.2, 0.1, 0.05): a resume through
+    the README's command must go on from the delta the checkpoint holds, not restart at 0.2."""
+    adaptive = ["--model.objective.init_args.target_divergence", "1e-4"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    straight.mkdir(), split.mkdir()
+    steps = 3 * UPDATES
+    assert drpo(straight, *QUICKSTART, *adaptive, "--trainer.max_steps", str(steps)).returncode == 0
+    first = drpo(split, *QUICKSTART, *adaptive, "--trainer.max_steps", str(UPDATES))
+    assert first.returncode == 0, first.stderr[-3000:]
+    saved = torch.load(split / RUN / "version_0/checkpoints/last.ckpt", weights_only=True)
+    assert saved["drpo_objective"] == {"delta": pytest.approx(0.1)}
+    resumed = drpo(split, *QUICKSTART, *adaptive, "--trainer.max_steps", str(steps), "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = _deltas(straight / RUN / "version_0/metrics.csv")
+    assert sorted(expected.values(), reverse=True) == pytest.approx([0.2, 0.1, 0.05])
+    before, after = (_deltas(split / RUN / f"version_{v}/metrics.csv") for v in (0, 1))
+    assert {**before, **after} == pytest.approx(expected) and sorted(after.values()) == pytest.approx([0.05, 0.1])
+    assert max_weight_diff(straight / RUN / "version_0/checkpoints/last.ckpt",
+                           split / RUN / "version_1/checkpoints/last.ckpt") <= 1e-6
