@@ -147,7 +147,8 @@ def run_rounds(contenders: list[Contender], warmup: int, rounds: int, steps_per_
         return stamps
 
     for c in contenders:
-        one(c, warmup)
+        if warmup > 0:
+            one(c, warmup)
     stamps: dict[str, list[list[float]]] = {c.key: [] for c in contenders}
     for _ in range(rounds):
         for c in contenders:

@@ -145,8 +145,24 @@ def _mapping(value: Any, where: str) -> dict[str, Any]:
     return value
 
 
-def load_grid(path: str | os.PathLike, out_dir: str | None = None) -> Grid:
-    """Read a grid file and expand it into runs (nothing is started)."""
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["trainer.max_steps=4", ...]`` -> ``{"trainer.max_steps": 4}`` (values read as YAML)."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set trainer.max_steps=4")
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item!r}: the value is not YAML: {str(err).splitlines()[0]}") from None
+    return overrides
+
+
+def load_grid(path: str | os.PathLike, out_dir: str | None = None,
+              overrides: dict[str, Any] | None = None) -> Grid:
+    """Read a grid file and expand it into runs (nothing is started). ``overrides`` (dotted keys) apply to
+    every run after the grid's own layers (``drpo sweep run --set KEY=VALUE``)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--grid: {path} does not exist")
@@ -163,7 +179,7 @@ def load_grid(path: str | os.PathLike, out_dir: str | None = None) -> Grid:
         raise ConfigError(f"{path}: seeds must be a non-empty list of distinct integers >= 0, got {seeds!r}")
     settings = _mapping(spec.get("settings"), f"{path}: settings") or {"default": {}}
     objectives = _mapping(spec.get("objectives"), f"{path}: objectives") or {"default": {}}
-    overrides = _mapping(spec.get("overrides"), f"{path}: overrides")
+    grid_overrides = _mapping(spec.get("overrides"), f"{path}: overrides")
     for kind, names in (("settings", settings), ("objectives", objectives)):
         for name in names:
             if not isinstance(name, str) or not re.fullmatch(r"[\w.+-]+", name) or name in (".", ".."):
@@ -179,8 +195,8 @@ def load_grid(path: str | os.PathLike, out_dir: str | None = None) -> Grid:
             for seed in seeds:
                 folder = root / setting / objective / f"seed{seed}"
                 config = copy.deepcopy(base)
-                for layer in (overrides, _mapping(setting_over, f"settings.{setting}"),
-                              _mapping(objective_over, f"objectives.{objective}")):
+                for layer in (grid_overrides, _mapping(setting_over, f"settings.{setting}"),
+                              _mapping(objective_over, f"objectives.{objective}"), overrides or {}):
                     for key, value in layer.items():
                         set_dotted(config, key, value)
                 _localise(config, folder, seed)

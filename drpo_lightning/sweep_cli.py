@@ -18,10 +18,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="action", required=True)
     for action, help_ in (("run", "run the unfinished runs"), ("status", "list runs and their state"),
-                          ("report", "write the stability report of a finished sweep")):
+                          ("report", "write the report of a finished sweep: tables, plots, raw JSON")):
         p = sub.add_parser(action, help=help_)
         p.add_argument("--grid", required=True, help="grid YAML file")
         p.add_argument("--out-dir", default=None, help="override the grid's out_dir")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key in every run, after the grid's own layers (repeatable; "
+                            "e.g. --set trainer.max_steps=4 for a quick trial: use its own --out-dir, and the "
+                            "same --set for status and report)")
         if action == "run":
             p.add_argument("--jobs", type=int, default=None, help="runs at a time (default: the grid's jobs)")
             p.add_argument("--only", default=None, help="regular expression on run names to restrict to")
@@ -29,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.add_argument("--out", default="docs/results", help="folder for the report and its plots")
             p.add_argument("--command", default=None, help="the command line to print at the report's top")
     args = parser.parse_args(list(argv) if argv is not None else None)
-    grid = load_grid(args.grid, args.out_dir)
+    grid = load_grid(args.grid, args.out_dir, overrides=sweep.parse_overrides(args.overrides))
     if args.action == "status":
         for run in grid.runs:
             print(f"{run.state():<8} {run.name}")

@@ -61,7 +61,11 @@ def test_every_grid_cell_resolves(grid_path, capsys, tmp_path, model_dir):
         for key in ("ppo_epochs", "num_minibatches"):
             assert model[key] == wanted.get(key, 1), (run.name, key)
         assert model["optimizer"]["init_args"]["lr"] == wanted["optimizer"]["init_args"]["lr"], run.name
-        assert model["rollout"]["init_args"]["precision"] == wanted["rollout"]["init_args"]["precision"]
+        rollout, wanted_rollout = model["rollout"]["init_args"], wanted["rollout"]["init_args"]
+        if "engine" in wanted_rollout:  # a worker: the engine it runs carries the sampling settings
+            assert rollout["max_staleness"] == wanted_rollout["max_staleness"], run.name
+            rollout, wanted_rollout = rollout["engine"]["init_args"], wanted_rollout["engine"]["init_args"]
+        assert rollout["precision"] == wanted_rollout["precision"], run.name
         objective = wanted["objective"]
         assert model["objective"]["class_path"].rsplit(".", 1)[1].lower() == objective["class_path"], run.name
         for arg, value in objective.get("init_args", {}).items():

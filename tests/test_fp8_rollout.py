@@ -4,7 +4,12 @@ and HFRollout(precision="fp8") sampling from a refreshed copy whose log-probs di
 from __future__ import annotations
 
 import copy
+import csv
+import os
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -391,3 +396,31 @@ def test_live_policy_parameters_grads_and_modes_untouched():
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name
     assert all(p.grad is None for p in engine._fp8.model.parameters())
+
+
+def _mismatch_rows(cwd: Path, precision: str) -> list[dict[str, str]]:
+    """`drpo fit --config configs/quickstart.yaml --model.rollout.init_args.precision PRECISION` as the README
+    prints it, shortened to 2 rollout steps and 8 held-out prompts; the rows of its metrics.csv that carry
+    the mismatch."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "drpo_lightning.cli", "fit", "--config", str(root / "configs" / "quickstart.yaml"),
+         "--model.rollout.init_args.precision", precision, "--trainer.max_steps=4", "--data.val_size=8"],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(cwd / "runs/quickstart/drpo/version_0/metrics.csv") as f:
+        return [r for r in csv.DictReader(f) if r.get("rollout/mismatch_mean")]
+
+
+def test_quickstart_with_fp8_rollouts_logs_a_mismatch_larger_than_bf16(tmp_path):
+    (tmp_path / "fp8").mkdir(), (tmp_path / "bf16").mkdir()
+    fp8 = _mismatch_rows(tmp_path / "fp8", "fp8")
+    bf16 = _mismatch_rows(tmp_path / "bf16", "bf16")
+    assert len(fp8) == len(bf16) == 2  # one row per rollout step
+    for rows in (fp8, bf16):
+        for row in rows:
+            mean, p99 = float(row["rollout/mismatch_mean"]), float(row["rollout/mismatch_p99"])
+            assert 0 < mean < p99 < 1, row
+    # first rollout, same prompts and policy: e4m3 weights (3 mantissa bits) are coarser than bf16's 7
+    assert float(fp8[0]["rollout/mismatch_mean"]) > float(bf16[0]["rollout/mismatch_mean"])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -295,3 +297,57 @@ def test_sweep_and_study_do_not_import_each_other():
 
     assert "drpo_lightning.study" not in imported(sweep_module)
     assert "drpo_lightning.sweep_cli" not in imported(study) | imported(sweep_module)
+
+
+def test_a_cell_that_ignores_every_setting_runs_once_and_its_result_is_copied(tmp_path):
+    """An arm that overrides what every setting sets (here the rollout precision) trains the same thing in
+    each setting: it runs once, the other cells get its result (marked ``copied_from``); arms that differ
+    between settings run in each."""
+    grid = load_grid(write_grid(
+        tmp_path,
+        settings={"bf16": {"model.rollout.init_args.precision": "bf16"},
+                  "fp16": {"model.rollout.init_args.precision": "fp16"}},
+        objectives={"drpo": {"model.objective.init_args.delta": 0.3},
+                    "onpolicy": {"model.objective": "ppo", "model.rollout.init_args.precision": "fp32"}}))
+    messages: list[str] = []
+    assert run_grid(grid, jobs=1, command=fake_fit(2), echo=messages.append) == {"skipped": 0, "done": 4, "failed": 0}
+    copied = [m for m in messages if "its result is copied" in m]
+    assert copied == ["sweep: done   fp16/onpolicy/seed0 (the same run as bf16/onpolicy/seed0: its result is copied)"]
+    runs = {r.name: r for r in grid.runs}
+    original = json.loads(runs["bf16/onpolicy/seed0"].result_path.read_text())
+    twin = json.loads(runs["fp16/onpolicy/seed0"].result_path.read_text())
+    assert twin.pop("copied_from") == "bf16/onpolicy/seed0" and "copied_from" not in original
+    assert twin["setting"] == "fp16" and twin["metrics"] == original["metrics"]
+    assert all(r.state() == "done" for r in grid.runs)  # a rerun of the sweep skips all four
+
+
+def test_readme_study_v2_commands_run_every_cell_of_the_shipped_grid(tmp_path):
+    """The README's commands for configs/study/stability_v2.yaml as written, shortened only by --set (a few
+    updates, a small data set) and --only seed 0: every arm runs in both conditions (the async one with its
+    worker process), the on-policy reference once, and the report is written from the results."""
+    shorten = []
+    for item in ("trainer.max_steps=4", "trainer.val_check_interval=1", "data.task_size=64", "data.val_size=8",
+                 "data.batch_size=4", "data.val_batch_size=8", "model.val_num_samples=1"):
+        shorten += ["--set", item]
+    out_dir = str(tmp_path / "runs")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    grid = str(ROOT / "configs" / "study" / "stability_v2.yaml")
+    ran = subprocess.run([sys.executable, "-m", "drpo_lightning.cli", "sweep", "run", "--grid", grid,
+                          "--out-dir", out_dir, "--only", "seed0$", *shorten],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    assert "sweep: 14 done, 0 failed" in ran.stdout  # 13 runs + the reference's copy
+    assert ran.stdout.count("its result is copied") == 1
+    report = subprocess.run([sys.executable, "-m", "drpo_lightning.cli", "sweep", "report", "--grid", grid,
+                             "--out-dir", out_dir, "--out", str(tmp_path / "report"), *shorten],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert report.returncode == 0, report.stderr[-3000:]
+    text = (tmp_path / "report" / "stability_v2.md").read_text()
+    for arm in ("drpo_0.2", "drpo_adaptive", "drpo_authors", "dppo_tv", "dppo_kl", "ppo_clip_higher", "grpo_onpolicy"):
+        assert text.count(f"| {arm} |") >= 2, arm  # a row in each condition's table
+    results = [json.loads(p.read_text()) for p in Path(out_dir).glob("*/*/seed0/result.json")]
+    assert len(results) == 14
+    fp8 = next(r for r in results if r["name"] == "fp8/drpo_adaptive/seed0")["metrics"]
+    assert fp8["rollout/mismatch_mean"] and fp8["drpo/delta"]
+    stale = next(r for r in results if r["name"] == "async/drpo_0.2/seed0")["metrics"]
+    assert max(v for _, v in stale["rollout/staleness_max"]) >= 1
