@@ -88,8 +88,13 @@ class RolloutFeed:
         if engine.get("precision", 0) is None and precision.startswith(("bf16", "16")):
             # In the trainer a precision-less engine samples under the trainer's autocast; the worker has none.
             engine["precision"] = "bf16" if precision.startswith("bf16") else "fp16"
-        on_gpu = torch.device(options["device"]).type == "cuda"
-        backend = "nccl" if on_gpu and module.device.type == "cuda" else "gloo"
+        worker_device = torch.device(options["device"])
+        if worker_device.type == "cuda" and worker_device.index is None:
+            worker_device = torch.device("cuda", torch.cuda.current_device())
+        # NCCL refuses two members of one group on the same GPU ("Duplicate GPU detected"): it is used only
+        # for one trainer process and a worker on another GPU; otherwise the weights travel through the CPU.
+        backend = ("nccl" if worker_device.type == "cuda" and module.device.type == "cuda"
+                   and worker_device != module.device and trainer.world_size == 1 else "gloo")
         trainer_device = str(module.device) if backend == "nccl" else "cpu"
         world, rank = trainer.world_size, trainer.global_rank
         kwargs: dict[str, Any] = {}
