@@ -298,3 +298,16 @@ def test_quickstart_async_as_shipped_trains_with_a_worker_and_logs_staleness(tmp
     staleness = [float(r["rollout/staleness_max"]) for r in rows if r.get("rollout/staleness_max")]
     # 2 updates per rollout step: step 0 fills the pipeline, steps 1 and 2 train (batches 0 and 1).
     assert staleness == [0.0, 1.0]
+
+
+@pytest.mark.parametrize(("worker", "trainer", "world", "backend"), [
+    ("cpu", "cpu", 1, "gloo"),
+    ("cuda:1", "cuda:0", 1, "nccl"),   # its own GPU: NCCL, GPU to GPU
+    ("cuda:0", "cuda:0", 1, "gloo"),   # the trainer's GPU: NCCL would refuse the duplicate device
+    ("cuda:1", "cuda:0", 2, "gloo"),   # a worker per rank: two of them, or one and a rank, share a GPU
+    ("cuda:1", "cpu", 1, "gloo"),      # a CPU trainer stages through the CPU anyway
+])
+def test_weight_sync_uses_nccl_only_between_different_gpus(worker, trainer, world, backend):
+    from drpo_lightning.loop.feed import weight_sync_backend
+
+    assert weight_sync_backend(worker, torch.device(trainer), world) == backend

@@ -32,6 +32,21 @@ def worker_options(rollout) -> dict[str, Any] | None:
     return options() if callable(options) else None
 
 
+def weight_sync_backend(worker_device: str | torch.device, trainer_device: torch.device, world_size: int) -> str:
+    """``nccl`` for one trainer process on a GPU feeding a worker on another GPU, ``gloo`` (weights staged
+    through the CPU) otherwise: NCCL refuses two members of one group on the same GPU ("Duplicate GPU
+    detected"), which a worker sharing the trainer's GPU, or several ranks' workers, would be."""
+    worker = torch.device(worker_device)
+    if worker.type == "cuda" and worker.index is None:
+        worker = torch.device("cuda", torch.cuda.current_device())
+    trainer = torch.device(trainer_device)
+    if trainer.type == "cuda" and trainer.index is None:
+        trainer = torch.device("cuda", torch.cuda.current_device())
+    if worker.type == "cuda" and trainer.type == "cuda" and worker != trainer and world_size == 1:
+        return "nccl"
+    return "gloo"
+
+
 class RolloutFeed:
     """The loop's side of a rollout source: submit the prompts of each step, take the rollout k steps older."""
 
@@ -88,13 +103,7 @@ class RolloutFeed:
         if engine.get("precision", 0) is None and precision.startswith(("bf16", "16")):
             # In the trainer a precision-less engine samples under the trainer's autocast; the worker has none.
             engine["precision"] = "bf16" if precision.startswith("bf16") else "fp16"
-        worker_device = torch.device(options["device"])
-        if worker_device.type == "cuda" and worker_device.index is None:
-            worker_device = torch.device("cuda", torch.cuda.current_device())
-        # NCCL refuses two members of one group on the same GPU ("Duplicate GPU detected"): it is used only
-        # for one trainer process and a worker on another GPU; otherwise the weights travel through the CPU.
-        backend = ("nccl" if worker_device.type == "cuda" and module.device.type == "cuda"
-                   and worker_device != module.device and trainer.world_size == 1 else "gloo")
+        backend = weight_sync_backend(options["device"], module.device, trainer.world_size)
         trainer_device = str(module.device) if backend == "nccl" else "cpu"
         world, rank = trainer.world_size, trainer.global_rank
         kwargs: dict[str, Any] = {}
