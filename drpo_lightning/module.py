@@ -91,6 +91,9 @@ class RLModule(pl.LightningModule):
         max_prompt_length: longest prompt in tokens; None: the model's context minus ``max_new_tokens``.
         val_num_samples: completions per held-out prompt (k of mean@k and pass@k).
         val_success_threshold: a held-out completion counts as correct when its total reward >= this.
+        val_rollout: the engine held-out prompts are sampled with (e.g. ``{class_path: hf, init_args:
+            {precision: fp32, ...}}``), so runs whose training rollouts differ (fp8, bf16) are scored alike;
+            None: the training rollout engine (a worker's engine, in the trainer's process).
         logprob_chunk_size: tokens per chunk of the memory-lean log-prob computation.
         lean_logprobs: compute log-probs from hidden states in chunks (never the full [N, T, V] logits).
         gradient_checkpointing: recompute activations in backward (less memory, ~30% more time).
@@ -137,6 +140,7 @@ class RLModule(pl.LightningModule):
         max_prompt_length: int | None = None,
         val_num_samples: int = 1,
         val_success_threshold: float = 1.0,
+        val_rollout: RolloutEngine | None = None,
         logprob_chunk_size: int = 1024,
         lean_logprobs: bool = True,
         gradient_checkpointing: bool = False,
@@ -151,11 +155,13 @@ class RLModule(pl.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["objective", "rollout", "rewards", "advantage", "optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=["objective", "rollout", "val_rollout", "rewards", "advantage", "optimizer",
+                                          "lr_scheduler"])
         self.automatic_optimization = False
         # Defaults by registered name: the loop knows no concrete plugin.
         self.objective = objective if objective is not None else OBJECTIVES.get("drpo")()
         self.rollout = rollout if rollout is not None else ROLLOUTS.get("hf")()
+        self.val_rollout = val_rollout
         self.rewards = list(rewards) if rewards else [REWARDS.get("exact_match")()]
         self.reward_weights = reward_weights
         self.advantage = advantage if advantage is not None else ADVANTAGES.get("grpo")()
@@ -236,13 +242,15 @@ class RLModule(pl.LightningModule):
         context = getattr(getattr(self.policy, "config", None), "max_position_embeddings", None)
         return None if context is None else int(context) - int(self.rollout.max_new_tokens)
 
-    def _generate(self, prompt_ids, prompt_mask, num_generations: int, topk: int = 0) -> RolloutBatch:
+    def _generate(self, prompt_ids, prompt_mask, num_generations: int, topk: int = 0,
+                  engine: RolloutEngine | None = None) -> RolloutBatch:
         from drpo_lightning.distributed import call_through, gathered_once, unwrap
 
         # Through the (possibly FSDP-sharded) policy's forward, so its parameters are gathered for generate,
         # once per rollout (FSDP2), not once per generated token.
         with gathered_once(self.policy):
-            return call_through(self.policy, self.rollout.generate, unwrap(self.policy), prompt_ids, prompt_mask,
+            engine = engine if engine is not None else self.rollout
+            return call_through(self.policy, engine.generate, unwrap(self.policy), prompt_ids, prompt_mask,
                                 num_generations=num_generations, eos_token_id=self.tokenizer.eos_token_id,
                                 pad_token_id=self.tokenizer.pad_token_id, topk=topk)
 
@@ -373,7 +381,7 @@ class RLModule(pl.LightningModule):
                     )
                     loss = out.loss
                     if gaps is not None:
-                        gaps.append(pieces.token_gaps(stats.logprobs, rollout.behavior_logprobs[micro], mask[micro]))
+                        gaps.append(pieces.token_gaps(stats.logprobs, rollout.behavior_logprobs[micro]))
                     if ref_logprobs is not None:
                         kl = kl_penalty(stats.logprobs, ref_logprobs[micro], h.kl_estimator)
                         kl_loss = aggregate(kl, mask[micro], self.objective.loss_agg_mode,
@@ -392,7 +400,7 @@ class RLModule(pl.LightningModule):
                     self.manual_backward(loss)
                     step_loss = step_loss + loss.detach()
                 if gaps is not None:
-                    metrics.update(pieces.mismatch_metrics(gaps))
+                    metrics.update(pieces.mismatch_metrics(gaps, mask[rows]))
                     gaps = None
                 self._optimizer_update(optimizer, scheduler, step_loss, metrics)
         for key, value in self.objective.end_rollout(self._reduce_sum).items():
@@ -418,7 +426,7 @@ class RLModule(pl.LightningModule):
         # resumed from a checkpoint (which skips the validation that ran right after it) continues exactly.
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            rollout = self._generate(prompt_ids, prompt_mask, k)
+            rollout = self._generate(prompt_ids, prompt_mask, k, engine=self.val_rollout)
         scored = self._score(batch, rollout, k)
         correct = (scored.total >= self.hparams.val_success_threshold).float().view(-1, k)  # [B, k]
         self.val_accuracy.update(correct.mean(-1))

@@ -96,20 +96,30 @@ def rollout_temperature(module) -> float:
     return 1.0
 
 
-def token_gaps(logprobs: torch.Tensor, behavior_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``|log pi - log mu|`` of the valid tokens, flattened: ``[n_valid]``."""
-    return (logprobs.detach().float() - behavior_logprobs.float()).abs()[mask > 0]
+def token_gaps(logprobs: torch.Tensor, behavior_logprobs: torch.Tensor) -> torch.Tensor:
+    """``|log pi - log mu|`` per position, ``[n, T]`` (padding included: :func:`mismatch_metrics` drops it)."""
+    return (logprobs.detach().float() - behavior_logprobs.float()).abs()
 
 
-def mismatch_metrics(gaps: list[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
-    """Mean and 99th percentile of ``|log pi - log mu|`` per token, measured on a rollout's first minibatch
-    before any update on it: at ``max_staleness`` 0 this is the rollout engine's numerical mismatch alone
-    (bf16 or fp8 sampling vs the trainer's forward); with a worker lagging by k it adds the lag."""
-    values = torch.cat(gaps) if gaps else torch.zeros(0)
+def percentile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """``torch.quantile(values, q)`` (linear interpolation) for a 1-D tensor of any length: torch.quantile
+    refuses more than 2**24 elements, which one large minibatch's tokens can exceed."""
+    ordered = values.double().sort().values
+    position = q * (ordered.numel() - 1)
+    low = int(position)
+    high = min(low + 1, ordered.numel() - 1)
+    return (ordered[low] + (ordered[high] - ordered[low]) * (position - low)).float()
+
+
+def mismatch_metrics(gaps: list[torch.Tensor], mask: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+    """Mean and 99th percentile of ``|log pi - log mu|`` over the valid tokens of a rollout's first minibatch,
+    before any update on it (``gaps``: its micro-batches in order; ``mask``: its ``[n, T]`` completion mask).
+    At ``max_staleness`` 0 this is the rollout engine's numerical mismatch alone (bf16 or fp8 sampling vs the
+    trainer's forward); with a worker lagging by k it adds the lag."""
+    values = torch.cat(gaps)[mask > 0]  # one host sync per rollout
     if values.numel() == 0:
         return {}
-    return {"rollout/mismatch_mean": [values.mean()],
-            "rollout/mismatch_p99": [torch.quantile(values.double(), 0.99).float()]}
+    return {"rollout/mismatch_mean": [values.mean()], "rollout/mismatch_p99": [percentile(values, 0.99)]}
 
 
 def log_step(module, rollout, scored, rewards, advantages, metrics, rollout_seconds, step_seconds) -> None:

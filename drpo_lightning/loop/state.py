@@ -11,8 +11,11 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any
+
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from drpo_lightning.checkpoint import settle_loop_position
 from drpo_lightning.errors import ConfigError
@@ -53,7 +56,12 @@ def load_state(module, checkpoint: dict[str, Any]) -> None:
     module.initial_val_accuracy = counters.get("initial_val_accuracy")
     module._rng_to_restore = checkpoint.get("drpo_rng_states")
     module._rollout_to_restore = checkpoint.get("drpo_rollout")
-    module.objective.load_state_dict(checkpoint.get("drpo_objective", {}))
+    objective_state = checkpoint.get("drpo_objective", {})
+    module.objective.load_state_dict(objective_state)
+    if objective_state and module.objective.state_dict():
+        # not silent: the config's value (e.g. DRPO's delta) is only where the adaptation started
+        rank_zero_only(print)(f"drpo: the objective continues from the checkpoint's state "
+                              f"{module.objective.state_dict()}", file=sys.stderr)
     _check_adapter_weights(module, checkpoint)
     state = checkpoint.get("state_dict")
     if isinstance(state, dict):  # the reference is never restored from a checkpoint (see save_state)

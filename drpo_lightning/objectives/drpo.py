@@ -94,6 +94,8 @@ class DRPO(Objective):
                             ("delta_min", delta_min), ("delta_max", delta_max)):
             check_finite(name, value)
             check_positive(name, value, allow_none=name == "target_divergence")
+        if delta_min > delta_max:
+            raise ValueError(f"DRPO: delta_min = {delta_min} must be <= delta_max = {delta_max}")
         if target_divergence is not None and not delta_min <= delta <= delta_max:
             raise ValueError(
                 f"DRPO: delta = {delta} must lie within [delta_min, delta_max] = [{delta_min}, {delta_max}] "
@@ -130,9 +132,11 @@ class DRPO(Objective):
             metrics["drpo/delta"] = torch.tensor(self.delta)
             if self.target_divergence is not None:
                 shift = (logprobs.detach().exp() - mu).abs()  # [B, T]
+                # a non-finite token (its update is skipped anyway) must not turn the measure into NaN
+                counted = (mask > 0) & torch.isfinite(shift)  # [B, T]
                 # tensors, not floats: no host sync per minibatch on a GPU
-                self._divergence_sum = self._divergence_sum + torch.where(mask > 0, shift, 0.0).sum().double()
-                self._divergence_count = self._divergence_count + mask.sum().double()
+                self._divergence_sum = self._divergence_sum + torch.where(counted, shift, 0.0).sum().double()
+                self._divergence_count = self._divergence_count + counted.sum().double()
         return token_loss, metrics
 
     def end_rollout(self, reduce_sum=None) -> dict[str, torch.Tensor]:
@@ -147,7 +151,7 @@ class DRPO(Objective):
             totals = reduce_sum(totals)
         self._divergence_sum = self._divergence_count = 0.0
         total, count = (float(v) for v in totals)
-        if count == 0:  # nothing was trained on (every update skipped): no evidence, no move
+        if count == 0:  # no valid, finite token was measured: no evidence, no move
             return {}
         measured = total / count
         if measured > 1.5 * self.target_divergence:
@@ -160,8 +164,10 @@ class DRPO(Objective):
         return {} if self.target_divergence is None else {"delta": self.delta}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
+        """Take the checkpoint's adapted delta (the config's ``delta`` is only the starting value), within
+        this config's ``[delta_min, delta_max]``."""
         if self.target_divergence is not None and "delta" in state:
-            self.delta = float(state["delta"])
+            self.delta = min(max(float(state["delta"]), self.delta_min), self.delta_max)
 
     def _metrics(
         self,

@@ -184,6 +184,7 @@ def test_readme_resume_continues_the_adapted_drpo_delta(tmp_path):
     assert saved["drpo_objective"] == {"delta": pytest.approx(0.1)}
     resumed = drpo(split, *QUICKSTART, *adaptive, "--trainer.max_steps", str(steps), "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "drpo: the objective continues from the checkpoint's state {'delta': 0.1}" in resumed.stderr
     expected = _deltas(straight / RUN / "version_0/metrics.csv")
     assert sorted(expected.values(), reverse=True) == pytest.approx([0.2, 0.1, 0.05])
     before, after = (_deltas(split / RUN / f"version_{v}/metrics.csv") for v in (0, 1))
