@@ -213,6 +213,11 @@ def bench_threads(args, w, model_dir: str, data_path: str, result: dict[str, Any
                 line += f" (goal <= {OVERLAP_GOAL:.2f}x is for {OVERLAP_GOAL_SIZE})"
         print(line)
 
+    # The same overlap against synchronous training on every core: the comparison that decides whether to
+    # split a machine's cores between trainer and worker at all.
+    print(f"drpo-lightning async ({cores}) / {stats['sync']['name'].removeprefix('drpo-lightning ')} step time: "
+          + ", ".join(f"k={k} {stats[f'async{k}']['median_s'] / stats['sync']['median_s']:.2f}x" for k in ASYNC_KS))
+
     modes = ["sync"] + [f"async{k}" for k in ASYNC_KS]
     trl_tps = stats["trl"]["tokens_per_s"]
     best = max(modes, key=lambda m: stats[m]["tokens_per_s"])

@@ -153,7 +153,7 @@ def paired_test(diff: float, se: float, n: int) -> tuple[float, bool]:
     if n < 2 or math.isnan(se):
         return float("nan"), False
     if se == 0:
-        return (math.inf if diff else 0.0), diff != 0
+        return (math.copysign(math.inf, diff) if diff else 0.0), diff != 0
     t = diff / se
     return t, abs(t) > t_quantile(LEVEL, n - 1)
 
@@ -527,8 +527,9 @@ def _definitions(primary: str) -> str:
 def _primary_lines(report: dict[str, str], primary: str) -> list[str]:
     _, label, definition = PRIMARY_METRICS[primary]
     if "primary" in report:
-        lines = [f"**Primary metric: {label}** ({definition}), decided before the runs: it is declared in the "
-                 f"grid file (`report.primary: {primary}`), and the verdicts below are decided on it."]
+        lines = [f"**Primary metric: {label}** ({definition}), as the grid file declares it "
+                 f"(`report.primary: {primary}`); the verdicts below are decided on it. (The report cannot tell "
+                 "when that line was written: the grid file's history says whether it came before the runs.)"]
     else:
         lines = [f"**Primary metric: {label}** ({definition}). The grid file declares none (`report.primary`), "
                  "so this is the report's default, not a choice fixed before the runs."]
@@ -584,7 +585,9 @@ def write_report(grid: Grid, out: Path, command: str | None = None) -> Path:
                       f"{PRIMARY_METRICS[primary][1]}", "",
                       f"Arm minus `{reference}`, same seeds, in points of accuracy. Not corrected for multiple "
                       f"comparisons: of these {comparisons} comparisons per metric, about {comparisons / 20:.1f} "
-                      "would be marked * by chance alone if no arm differed.", "",
+                      "would be marked * by chance alone if no arm differed. The reference is the best of the "
+                      "non-DRPO arms *on these same runs*, so its lead over the others is biased upward (the "
+                      "winner's curse): a DRPO arm's deficit against it is an upper bound.", "",
                       *paired_table(setting_cells, primary, reference), ""]
         lines += ["### Collapses", "", f"Definition: {COLLAPSE_DEFINITION}.", "",
                   *collapse_lines(setting_cells), ""]

@@ -307,7 +307,15 @@ def test_quickstart_async_as_shipped_trains_with_a_worker_and_logs_staleness(tmp
     ("cuda:1", "cuda:0", 2, "gloo"),   # a worker per rank: two of them, or one and a rank, share a GPU
     ("cuda:1", "cpu", 1, "gloo"),      # a CPU trainer stages through the CPU anyway
 ])
-def test_weight_sync_uses_nccl_only_between_different_gpus(worker, trainer, world, backend):
+def test_weight_sync_uses_nccl_only_between_different_gpus(worker, trainer, world, backend, monkeypatch):
     from drpo_lightning.loop.feed import weight_sync_backend
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the rule, on a machine without a GPU
     assert weight_sync_backend(worker, torch.device(trainer), world) == backend
+
+
+def test_weight_sync_backend_without_cuda_is_gloo(monkeypatch):
+    from drpo_lightning.loop.feed import weight_sync_backend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert weight_sync_backend("cuda", torch.device("cpu"), 1) == "gloo"

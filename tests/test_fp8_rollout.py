@@ -224,7 +224,7 @@ def _one_line_config_error(fn, *needles: str) -> str:
     with pytest.raises(ConfigError) as raised:
         fn()
     text = str(raised.value)
-    assert "\n" not in text and text.startswith("rollout.init_args.precision: fp8"), text
+    assert "\n" not in text and text.startswith("model.rollout.init_args.precision: fp8"), text
     for needle in needles:
         assert needle in text, text
     return text

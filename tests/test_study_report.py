@@ -166,7 +166,7 @@ def test_report_files_and_primary_metric_line(report):
     runs = json.loads((out / "toy_study_runs.json").read_text())
     assert len(runs) == 18 and runs["c2/drpo_a/seed1"]["val_accuracy_before"] == 0.4
     assert ("**Primary metric: AUC accuracy** (mean held-out accuracy over all evaluations, the one before "
-            "training included), decided before the runs") in text
+            "training included), as the grid file declares it (`report.primary: auc_acc`)") in text
     assert "Evaluation noise: mean@4 over 500 prompts: about ±1.5 points." in text
     assert f"toy_study.yaml --out {out}" in text  # the reproducing command
     assert COLLAPSE_DEFINITION in text and "not corrected for multiple comparisons" in text.lower()

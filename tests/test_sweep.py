@@ -216,6 +216,8 @@ def test_paired_t_test():
     assert t == pytest.approx(8.660254) and significant
     assert paired_test(0.10, 0.05, 3) == (pytest.approx(2.0), False)
     assert paired_test(0.10, float("nan"), 1)[1] is False
+    # every seed lost by exactly the same amount: no spread, a certain (negative) difference
+    assert paired_test(-0.05, 0.0, 4) == (float("-inf"), True) and paired_test(0.0, 0.0, 4) == (0.0, False)
 
 
 ORPHAN_FIT = """

@@ -37,6 +37,8 @@ def weight_sync_backend(worker_device: str | torch.device, trainer_device: torch
     through the CPU) otherwise: NCCL refuses two members of one group on the same GPU ("Duplicate GPU
     detected"), which a worker sharing the trainer's GPU, or several ranks' workers, would be."""
     worker = torch.device(worker_device)
+    if not torch.cuda.is_available():  # a CUDA worker then fails with its own message; no device to name here
+        return "gloo"
     if worker.type == "cuda" and worker.index is None:
         worker = torch.device("cuda", torch.cuda.current_device())
     trainer = torch.device(trainer_device)

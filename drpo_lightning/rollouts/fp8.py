@@ -1,7 +1,8 @@
 """FP8 weight quantisation for rollouts: sample from the policy as an FP8 inference engine would serve it.
 
-Inference engines often serve a model with its linear weights in float8 e4m3 (vLLM's ``quantization: fp8``)
-while the trainer keeps float32 / bf16 weights. The behaviour log-probs then carry the quantisation error on
+Inference engines often serve a model with its linear weights in float8 e4m3 (e.g. vLLM's ``quantization:
+fp8``, which computes one scale per weight tensor when it quantises a model online; FP8 checkpoints with
+channel-wise scales have one per output row) while the trainer keeps float32 / bf16 weights. The behaviour log-probs then carry the quantisation error on
 top of the bf16 kernels' one, and the DRPO/DPPO trust region has to absorb it. :class:`FP8PolicyCopy` keeps a
 copy of the policy whose linear weights are rounded the way such an engine rounds them, so that mismatch can
 be reproduced (and measured) without the engine.
@@ -18,7 +19,7 @@ Quantisation of a weight ``W`` ``[out, in]`` (per output row ``r``, or one scale
     Wq[r, j] = e4m3(W[r, j] / s_r) * s_r
 
 so the largest entry of each row maps to 448 exactly and the others keep 3 mantissa bits relative to their
-own binade (entries below 2^-9 * s_r flush to zero). The copy stores ``Wq`` ("fake quantisation") in the
+own binade (entries whose magnitude is at most 2^-10 * s_r, half the smallest subnormal, round to zero). The copy stores ``Wq`` ("fake quantisation") in the
 model's own dtype; the sampling forward runs it under bf16 autocast, as the engines compute activations in
 bf16. Activations are not rounded to fp8: this models weight-only fp8 (vLLM's path on GPUs without fp8 tensor
 cores); W8A8 kernels also round the activations, which adds a further, smaller error not modelled here.
@@ -143,7 +144,7 @@ def quantization_plan(policy: nn.Module, precision: str = "fp8") -> dict[str, bo
     ``nn.Linear`` with its own forward (bitsandbytes' ``Linear8bitLt`` / ``Linear4bit``, ...) is refused with
     a :class:`ConfigError` rather than quantised as if its weight were a plain matrix.
     """
-    key = f"rollout.init_args.precision: {precision}"
+    key = f"model.rollout.init_args.precision: {precision}"
     get_head = getattr(policy, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     skipped = _adapter_modules(policy) | ({id(m) for m in head.modules()} if head is not None else set())
@@ -210,7 +211,7 @@ class FP8PolicyCopy:
 
     def __init__(self, per_row: bool = True, precision: str = "fp8") -> None:
         if not fp8_available():
-            raise ConfigError(f"rollout.init_args.precision: {precision} needs torch.float8_e4m3fn (torch >= 2.1); "
+            raise ConfigError(f"model.rollout.init_args.precision: {precision} needs torch.float8_e4m3fn (torch >= 2.1); "
                               f"this torch {torch.__version__} does not have it")
         self.per_row = per_row
         self.precision = precision
@@ -232,7 +233,7 @@ class FP8PolicyCopy:
     def sync(self, policy: nn.Module) -> nn.Module:
         """The fp8 copy of ``policy`` with its current weights (built on first use)."""
         if _is_sharded(policy):
-            raise ConfigError(f"rollout.init_args.precision: {self.precision} does not support an FSDP-sharded "
+            raise ConfigError(f"model.rollout.init_args.precision: {self.precision} does not support an FSDP-sharded "
                               "policy (its parameters are DTensors); use bf16 there")
         layout = _layout(policy)
         if self.model is None or self._source is None or self._source() is not policy or layout != self._layout:

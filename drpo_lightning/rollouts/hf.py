@@ -261,8 +261,9 @@ class HFRollout(RolloutEngine):
             Sampling in bf16 while training in float32 reproduces the training-inference mismatch that
             DRPO/DPPO's trust region controls (up to ~0.3 nats per token on a tiny model). ``"fp8"``: sample
             from a copy of the policy whose linear weights (all but the output head) are rounded to float8
-            e4m3 with one scale per output row, as FP8 inference engines serve a model, run under bf16
-            autocast; ``"fp8-tensor"``: the same with one scale per weight matrix. The behaviour log-probs are
+            e4m3 with one scale per output row (as FP8 checkpoints with channel-wise scales are served), run
+            under bf16 autocast; ``"fp8-tensor"``: the same with one scale per weight matrix (as vLLM's online
+            ``quantization: fp8`` does). The behaviour log-probs are
             the copy's, so they carry the quantisation error the trainer's float32/bf16 recomputation does
             not. The copy (one extra copy of the weights, kept by the engine) is refreshed from the policy
             at every call; see :class:`~drpo_lightning.rollouts.fp8.FP8PolicyCopy` for the format and
