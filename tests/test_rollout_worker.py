@@ -495,3 +495,34 @@ def test_rollout_worker_command_line_mistakes_are_one_line(monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "refused" in err
     assert err.startswith(f"drpo: error: --trainer 127.0.0.1:{port}: ")
+
+
+def test_an_fp8_engine_in_the_worker_samples_what_it_samples_in_process(tiny_model_dir):
+    """precision fp8 in the worker: the same tokens and bitwise the same behaviour log-probs as the same engine
+    in the trainer's process, before and after a weight sync (the worker's fp8 copy follows the new weights)."""
+    policy = policy_of(tiny_model_dir)
+    engine = {**ENGINE, "precision": "fp8"}
+    local = HFRollout(**engine)
+
+    def generate(ids, mask, g, topk):
+        return local.generate(policy, ids, mask, num_generations=g, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+                              topk=topk)
+
+    in_process = InProcessRolloutSource(generate, seed=7)
+    source = WorkerRolloutSource(engine, tiny_model_dir, policy.state_dict(), eos_token_id=EOS_ID,
+                                 pad_token_id=PAD_ID, max_staleness=0, seed=7, timeout=30.0, start_timeout=120.0,
+                                 threads=1)
+    try:
+        for t in range(2):
+            source.submit(t, *prompts(t), G)
+            in_process.submit(t, *prompts(t), G)
+            theirs, mine = source.get(t), in_process.get(t)
+            assert torch.equal(theirs.completion_ids, mine.completion_ids), t
+            assert torch.equal(theirs.behavior_logprobs, mine.behavior_logprobs), t
+            with torch.no_grad():
+                for p in policy.parameters():
+                    p.mul_(-1.5)
+            source.sync(policy.state_dict(), t + 1)
+            in_process.sync(None, t + 1)
+    finally:
+        source.close()
