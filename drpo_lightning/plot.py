@@ -128,7 +128,9 @@ def _check_out(out: str) -> None:
         raise UserError(f"--out {out}: unknown image format {suffix!r}; use one of {', '.join(sorted(formats))}")
 
 
-NOT_DRAWN = ("loss_agg_mode", "loss_agg_horizon")  # how token losses are summed: no effect on one token's weight
+# How token losses are summed, and how DRPO's delta moves between rollouts: no effect on one token's weight at
+# the delta drawn.
+NOT_DRAWN = ("loss_agg_mode", "loss_agg_horizon", "target_divergence", "delta_min", "delta_max")
 
 
 def _label(name: str, objective: Any) -> str:
