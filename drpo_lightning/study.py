@@ -142,10 +142,10 @@ def paired_diff(a: dict[int, float], b: dict[int, float]) -> PairedDiff:
         return PairedDiff(diffs[0] if diffs else nan, nan, nan, nan, len(diffs))
     mean, n = statistics.fmean(diffs), len(diffs)
     se = statistics.stdev(diffs) / math.sqrt(n)
+    t, _ = paired_test(mean, se, n)
     if se == 0:  # every seed moved by exactly the same amount
-        t = math.copysign(math.inf, mean) if mean else 0.0
         return PairedDiff(mean, 0.0, t, 0.0 if mean else 1.0, n)
-    return PairedDiff(mean, t_quantile(LEVEL, n - 1) * se, mean / se, p_value(mean / se, n - 1), n)
+    return PairedDiff(mean, t_quantile(LEVEL, n - 1) * se, t, p_value(t, n - 1), n)
 
 
 def paired_test(diff: float, se: float, n: int) -> tuple[float, bool]:

@@ -307,11 +307,7 @@ def execute(run: Run, threads: int, command: Sequence[str] | None = None, lock_f
     killed, the lock stays held until its ``drpo fit`` children have exited too, so a new sweep cannot clear
     and rerun a folder that an orphaned run is still writing.
     """
-    if run.folder.exists():
-        shutil.rmtree(run.folder)  # a run cut off half-way starts again: partial metrics are not results
-    run.folder.mkdir(parents=True)
-    config_path = run.folder / "config.yaml"
-    config_path.write_text(yaml.safe_dump(run.config, sort_keys=False))
+    config_path = _fresh_folder(run)
     argv = list(command or [sys.executable, "-m", "drpo_lightning.cli"]) + ["fit", "--config", str(config_path)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     log_path = run.folder / "log.txt"
@@ -337,6 +333,21 @@ def execute(run: Run, threads: int, command: Sequence[str] | None = None, lock_f
         "val_accuracy_before": float(before.group(1)) if before else None,
         "metrics": metrics,
     }
+    return _write_result(run, result)
+
+
+def _fresh_folder(run: Run) -> Path:
+    """Empty the run's folder and write its ``config.yaml`` (returned): a run cut off half-way starts again,
+    since partial metrics are not results."""
+    if run.folder.exists():
+        shutil.rmtree(run.folder)
+    run.folder.mkdir(parents=True)
+    config_path = run.folder / "config.yaml"
+    config_path.write_text(yaml.safe_dump(run.config, sort_keys=False))
+    return config_path
+
+
+def _write_result(run: Run, result: dict[str, Any]) -> str:
     tmp = run.result_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result))
     os.replace(tmp, run.result_path)  # result.json appears whole or not at all: it is the "done" marker
@@ -372,15 +383,8 @@ def _copy_result(twin: Run, run: Run) -> str:
     result = read_result(twin)
     result.update(name=run.name, setting=run.setting, objective=run.objective, seed=run.seed,
                   copied_from=twin.name)
-    if run.folder.exists():
-        shutil.rmtree(run.folder)
-    run.folder.mkdir(parents=True)
-    (run.folder / "config.yaml").write_text(yaml.safe_dump(run.config, sort_keys=False))
-    tmp = run.result_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, run.result_path)
-    run.failed_path.unlink(missing_ok=True)
-    return "done"
+    _fresh_folder(run)
+    return _write_result(run, result)
 
 
 def run_grid(grid: Grid, jobs: int | None = None, only: str | None = None,

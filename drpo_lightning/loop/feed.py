@@ -36,14 +36,14 @@ def weight_sync_backend(worker_device: str | torch.device, trainer_device: torch
     """``nccl`` for one trainer process on a GPU feeding a worker on another GPU, ``gloo`` (weights staged
     through the CPU) otherwise: NCCL refuses two members of one group on the same GPU ("Duplicate GPU
     detected"), which a worker sharing the trainer's GPU, or several ranks' workers, would be."""
-    worker = torch.device(worker_device)
     if not torch.cuda.is_available():  # a CUDA worker then fails with its own message; no device to name here
         return "gloo"
-    if worker.type == "cuda" and worker.index is None:
-        worker = torch.device("cuda", torch.cuda.current_device())
-    trainer = torch.device(trainer_device)
-    if trainer.type == "cuda" and trainer.index is None:
-        trainer = torch.device("cuda", torch.cuda.current_device())
+
+    def indexed(device: str | torch.device) -> torch.device:  # "cuda" -> "cuda:<current>"
+        device = torch.device(device)
+        return torch.device("cuda", torch.cuda.current_device()) if device == torch.device("cuda") else device
+
+    worker, trainer = indexed(worker_device), indexed(trainer_device)
     if worker.type == "cuda" and trainer.type == "cuda" and worker != trainer and world_size == 1:
         return "nccl"
     return "gloo"

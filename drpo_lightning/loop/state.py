@@ -58,10 +58,11 @@ def load_state(module, checkpoint: dict[str, Any]) -> None:
     module._rollout_to_restore = checkpoint.get("drpo_rollout")
     objective_state = checkpoint.get("drpo_objective", {})
     module.objective.load_state_dict(objective_state)
-    if objective_state and module.objective.state_dict():
+    restored = module.objective.state_dict() if objective_state else {}
+    if restored:
         # not silent: the config's value (e.g. DRPO's delta) is only where the adaptation started
-        rank_zero_only(print)(f"drpo: the objective continues from the checkpoint's state "
-                              f"{module.objective.state_dict()}", file=sys.stderr)
+        rank_zero_only(print)(f"drpo: the objective continues from the checkpoint's state {restored}",
+                              file=sys.stderr)
     _check_adapter_weights(module, checkpoint)
     state = checkpoint.get("state_dict")
     if isinstance(state, dict):  # the reference is never restored from a checkpoint (see save_state)
